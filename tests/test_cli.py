@@ -1,0 +1,48 @@
+"""The `qaclims` console script as a user runs it."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, cwd=REPO):
+    exe = shutil.which("qaclims", path=str(Path(sys.executable).parent))
+    command = [exe] if exe else [sys.executable, "-m", "qaclims.cli"]
+    return subprocess.run([*command, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_subcommands():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    assert "settings" in result.stdout and "bench" in result.stdout
+
+
+def test_settings_shows_overrides():
+    result = run_cli("settings", "--set", "study.device=cuda:1", "--set", "study.seeds=4,5")
+    assert result.returncode == 0, result.stderr
+    assert "device = cuda:1" in result.stdout and "seeds = 4 5" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["settings", "--set", "study.devise=cuda"], "unknown setting 'study.devise'"),
+    (["settings", "--set", "study.num_workers=two"], "expected a number"),
+    (["settings", "--settings", "no/such.ini"], "not found"),
+])
+def test_bad_settings_are_clear_errors(args, message):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_reads_settings_file_from_other_folder(tmp_path):
+    ini = tmp_path / "study.ini"
+    ini.write_text("[study]\nprofile = voc\n[data]\nrun_dir = elsewhere\n")
+    result = run_cli("settings", "--settings", str(ini), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "profile = voc" in result.stdout
+    assert f"run_dir = {tmp_path.resolve() / 'elsewhere'}" in result.stdout
