@@ -31,11 +31,12 @@ export: setup
 	@bash tools/check_export.sh $(BIN)
 
 test: setup export
-	$(BIN)/nbdev-test --n-workers 2
+	# one torch thread per notebook process: two processes share the two cores
+	OMP_NUM_THREADS=1 $(BIN)/nbdev-test --n-workers 2
 	$(BIN)/python -m pytest tests/
 
 test-slow: setup
-	$(BIN)/nbdev-test --n-workers 2 --flags slow
+	OMP_NUM_THREADS=1 $(BIN)/nbdev-test --n-workers 2 --flags slow
 	$(BIN)/python -m pytest tests/ -m slow
 
 bench: setup
