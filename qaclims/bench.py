@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['COLUMNS', 'BENCHMARKS', 'best_time', 'synthetic_cam_samples', 'naive_sweep_confusions', 'bench_threshold_sweep',
-           'run_benchmarks', 'format_table']
+           'bench_synth_generation', 'bench_qape', 'run_benchmarks', 'format_table']
 
-# %% ../nbs/90_bench.ipynb #2033b7bc
+# %% ../nbs/90_bench.ipynb #e05723ab
 import time
 
 import numpy as np
@@ -14,7 +14,7 @@ import pandas as pd
 
 from .evaluate import cams_to_labels, confusion, iou, sweep_confusions, threshold_sweep
 
-# %% ../nbs/90_bench.ipynb #2c4b998e
+# %% ../nbs/90_bench.ipynb #585fec02
 COLUMNS = ("benchmark", "variant", "seconds", "speedup", "same_output", "notes")
 
 
@@ -29,7 +29,7 @@ def best_time(fn, repeat: int = 1):
         seconds = min(seconds, time.perf_counter() - start)
     return seconds, result
 
-# %% ../nbs/90_bench.ipynb #1fc2d155
+# %% ../nbs/90_bench.ipynb #b997d1d4
 def synthetic_cam_samples(n_images: int, height: int, width: int, num_classes: int = 21,
                           max_objects: int = 3, seed: int = 0) -> list:
     """Seeded synthetic CAM-evaluation inputs: a list of `(cams float32 [k, H, W], keys int64 [k], gt uint8 [H, W])`.
@@ -65,7 +65,7 @@ def synthetic_cam_samples(n_images: int, height: int, width: int, num_classes: i
         samples.append((cams, keys, gt))
     return samples
 
-# %% ../nbs/90_bench.ipynb #86843ca9
+# %% ../nbs/90_bench.ipynb #2d4b737b
 def naive_sweep_confusions(samples, thresholds, num_classes: int = 21, ignore_index=255) -> np.ndarray:
     """Confusions `[T, C, C]` the reference's way: one pass over all samples per threshold.
 
@@ -77,7 +77,7 @@ def naive_sweep_confusions(samples, thresholds, num_classes: int = 21, ignore_in
             confusions[t] += confusion(cams_to_labels(cams, keys, threshold), gt, num_classes, ignore_index)
     return confusions
 
-# %% ../nbs/90_bench.ipynb #0de24811
+# %% ../nbs/90_bench.ipynb #bd00c4f5
 def bench_threshold_sweep(quick: bool = False) -> list:
     "`threshold_sweep` over 56 thresholds (0.05 ... 0.60) vs the per-threshold loop, on the same CAMs."
     n_images, height, width = (8, 48, 64) if quick else (200, 300, 400)
@@ -99,9 +99,28 @@ def bench_threshold_sweep(quick: bool = False) -> list:
              speedup=naive_seconds / sweep_seconds, same_output=same, notes=notes + ", best of 3"),
     ]
 
-# %% ../nbs/90_bench.ipynb #17633d6c
+# %% ../nbs/90_bench.ipynb #d5b02f68
+def bench_synth_generation(quick: bool = False) -> list:
+    "SynthWorld images generated per second in one process; same_output: a sample generated twice is identical."
+    from qaclims.synth import SynthWorld, generation_rate
+    world, n = SynthWorld(), (50 if quick else 2000)
+    rate = generation_rate(world, n)
+    first, again = world.sample("train", 7), SynthWorld().sample("train", 7)
+    same = bool(np.array_equal(first.image, again.image) and np.array_equal(first.mask, again.mask))
+    return [dict(benchmark="synth_generation", variant=f"{n} images of {world.config.image_size} px, one process",
+                 seconds=n / rate, speedup=float("nan"), same_output=same, notes=f"{rate:,.0f} images/s")]
+
+
+def bench_qape(quick: bool = False) -> list:
+    "QAPE answering, batched per image against one question per forward pass (`qaclims.answers.bench_qape`)."
+    from qaclims.answers import bench_qape as run
+    return run(quick=quick)
+
+# %% ../nbs/90_bench.ipynb #1558fd8d
 BENCHMARKS = {
     "threshold_sweep": bench_threshold_sweep,
+    "synth_generation": bench_synth_generation,
+    "qape": bench_qape,
 }
 
 
@@ -125,12 +144,12 @@ def run_benchmarks(names=None, quick: bool = False, registry=None) -> pd.DataFra
             rows.append(row)
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
-# %% ../nbs/90_bench.ipynb #98bf090f
+# %% ../nbs/90_bench.ipynb #f9e27e12
 def _format_cell(column: str, value) -> str:
     if column == "seconds":
         return f"{value:.3f}"
     if column == "speedup":
-        return f"{value:.1f}x"
+        return "" if value != value else f"{value:.1f}x"  # NaN: a rate, not a comparison
     if column == "same_output":
         return "yes" if value else "NO"
     return str(value).replace("|", "\\|")

@@ -5,14 +5,14 @@
 # %% auto #0
 __all__ = ['SUBCOMMANDS', 'build_parser', 'main']
 
-# %% ../nbs/99_cli.ipynb #9223ddbe
+# %% ../nbs/99_cli.ipynb #3d791357
 import argparse
 import sys
 
 from . import __version__
 from .settings import load_settings, render_settings
 
-# %% ../nbs/99_cli.ipynb #2538ec08
+# %% ../nbs/99_cli.ipynb #0eded35a
 def _add_settings_args(parser):
     pass
 
@@ -37,12 +37,156 @@ def _run_bench(args, settings) -> int:
     return 0
 
 
+def _add_seed_args(parser):
+    parser.add_argument("--seed", type=int, default=0, help="the run's seed (default 0)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def _print_quality(rows, columns):
+    "Print a quality report stored as a list of dicts, with the columns in `columns`."
+    import pandas as pd
+    print(pd.DataFrame(rows)[list(columns)].round(3).to_string(index=False))
+
+# %% ../nbs/99_cli.ipynb #9516b049
+def _add_small_model_args(parser):
+    _add_seed_args(parser)
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
+    parser.add_argument("--publish", action="store_true", help="also copy the weights to weights/synth/")
+
+
+def _run_synth_clip(args, settings) -> int:
+    "Train (or find) the synth CLIP and print its quality report."
+    from qaclims.runs import read_json
+    from qaclims.synth_clip import publish_synth_clip, train_synth_clip
+    if args.publish and args.steps is not None:
+        raise ValueError("--publish takes the config's number of steps; drop --steps")
+    train = publish_synth_clip if args.publish else train_synth_clip
+    extra = {} if args.publish else {"steps": args.steps}
+    weights = train(settings, seed=args.seed, progress=args.progress, **extra)
+    meta = read_json(weights.with_suffix(".json"))
+    _print_quality(meta["quality"], ("world", "region", "target", "accuracy", "n", "goal"))
+    print(f"weights: {weights} ({meta['weights_mb']} MB, trained in {meta['train_seconds'] / 60:.1f} min)")
+    return 0
+
+
+def _add_blip_tiny_args(parser):
+    _add_small_model_args(parser)
+    parser.add_argument("--config", default="blip-tiny", help="named blip-tiny config (default blip-tiny)")
+
+
+def _run_blip_tiny(args, settings) -> int:
+    "Train (or find) blip-tiny and print its VQA accuracy per question group."
+    from qaclims.blip_tiny import META_FILE, publish_blip_tiny, train_blip_tiny
+    from qaclims.runs import read_json
+    if args.publish and args.steps is not None:
+        raise ValueError("--publish takes the config's number of steps; drop --steps")
+    if args.publish:
+        folder = publish_blip_tiny(settings, seed=args.seed, progress=args.progress, config=args.config)
+    else:
+        folder = train_blip_tiny(settings, seed=args.seed, steps=args.steps, progress=args.progress,
+                                 config=args.config)
+    meta = read_json(folder / META_FILE)
+    _print_quality(meta["quality"], ("group", "asked", "correct", "accuracy"))
+    print(f"model: {folder} ({meta['weights_mb']} MB, trained in {meta['train_seconds'] / 60:.1f} min)")
+    return 0
+
+# %% ../nbs/99_cli.ipynb #ee2099ed
+def _add_train_cam_args(parser):
+    _add_seed_args(parser)
+    parser.add_argument("--epochs", type=int, default=None, help="epochs (default: the profile's config)")
+
+
+def _run_train_cam(args, settings) -> int:
+    "Stage 0: train the baseline CAM network and print its checkpoint."
+    from qaclims.train_cam import train_cam
+    overrides = {} if args.epochs is None else {"epochs": args.epochs}
+    print(train_cam(settings, seed=args.seed, progress=args.progress, **overrides))
+    return 0
+
+
+def _add_make_cams_args(parser):
+    _add_seed_args(parser)
+    parser.add_argument("--checkpoint", default=None, help="CAM network checkpoint (default: the baseline of --seed)")
+    parser.add_argument("--split", default="val", help="split to make CAMs for (default val)")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N images")
+
+
+def _baseline_checkpoint(settings, seed: int):
+    "The final checkpoint of the baseline of `seed`, or a clear error naming the command that makes it."
+    from qaclims.train_cam import cam_checkpoint_path
+    path = cam_checkpoint_path(settings, seed)
+    if not path.is_file():
+        raise FileNotFoundError(f"no baseline CAM checkpoint for seed {seed} at '{path}': "
+                                f"run `qaclims train-cam --seed {seed}` first, or pass --checkpoint")
+    return path
+
+
+def _run_make_cams(args, settings) -> int:
+    "Stage 3: multi-scale CAMs of a split; prints their folder."
+    from qaclims.make_cams import make_cams
+    checkpoint = args.checkpoint or _baseline_checkpoint(settings, args.seed)
+    print(make_cams(settings, checkpoint, args.split, progress=args.progress, limit=args.limit))
+    return 0
+
+
+def _add_eval_cams_args(parser):
+    _add_make_cams_args(parser)
+    parser.add_argument("--cams", default=None, help="CAM folder (default: make-cams' folder for the same options)")
+
+
+def _run_eval_cams(args, settings) -> int:
+    "Stage 4: CAM mIoU at the reference threshold and over the sweep; prints the metrics file."
+    from qaclims.eval_cams import evaluate_cams, metrics_dir
+    from qaclims.make_cams import cams_folder
+    if args.cams is None:
+        checkpoint = args.checkpoint or _baseline_checkpoint(settings, args.seed)
+        args.cams = cams_folder(settings, checkpoint, args.split, limit=args.limit)
+    metrics = evaluate_cams(settings, args.cams, args.split)
+    print(f"CAM mIoU {100 * metrics['miou_at_reference']:.2f} at threshold {metrics['reference_threshold']}, "
+          f"best {100 * metrics['best_miou']:.2f} at {metrics['best_threshold']:.2f}")
+    print(metrics_dir(settings, args.cams) / "metrics.json")
+    return 0
+
+
+def _add_qape_args(parser):
+    parser.add_argument("--split", default="train", help="split to answer (default: train)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the answerer (blip-tiny, a noisy oracle) and CLIP")
+    parser.add_argument("--images-per-call", type=int, default=8, metavar="N",
+                        help="images whose questions go to the VQA model in one call (default: 8)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    parser.add_argument("--text-cache", action=argparse.BooleanOptionalAction, default=True,
+                        help="also encode every prompt with CLIP's text tower (default: yes)")
+
+
+def _run_qape(args, settings) -> int:
+    "Stage 1: QAPE answers of a split, then (unless --no-text-cache) the CLIP text features of their prompts."
+    from qaclims.answers import answer_split, text_feature_cache
+    from qaclims.dist import distributed
+    folder = answer_split(settings, args.split, seed=args.seed, images_per_call=args.images_per_call,
+                          progress=args.progress)
+    if not distributed(settings.study.device).main:
+        return 0
+    print(f"answers: {folder}")
+    if args.text_cache:
+        print(f"text features: {text_feature_cache(settings, args.split, seed=args.seed)}")
+    return 0
+
+
 SUBCOMMANDS = {
     "settings": ("show the effective settings (settings.ini plus --set overrides)", _add_settings_args, _run_settings),
     "bench": ("run the benchmarks and print a table", _add_bench_args, _run_bench),
+    "synth-clip": ("train (or find) the small CLIP of SynthWorld and print its quality", _add_small_model_args,
+                   _run_synth_clip),
+    "blip-tiny": ("train (or find) the small BLIP VQA model of SynthWorld and print its accuracy",
+                  _add_blip_tiny_args, _run_blip_tiny),
+    "qape": ("stage 1: ask the QAPE questions for a split, then cache the prompts' CLIP text features",
+             _add_qape_args, _run_qape),
+    "train-cam": ("stage 0: train the baseline CAM network", _add_train_cam_args, _run_train_cam),
+    "make-cams": ("stage 3: multi-scale CAMs of a split", _add_make_cams_args, _run_make_cams),
+    "eval-cams": ("stage 4: CAM mIoU over the threshold sweep", _add_eval_cams_args, _run_eval_cams),
 }
 
-# %% ../nbs/99_cli.ipynb #a302254e
+# %% ../nbs/99_cli.ipynb #af920966
 def build_parser() -> argparse.ArgumentParser:
     "The `qaclims` argument parser with one sub-parser per entry of `SUBCOMMANDS`."
     common = argparse.ArgumentParser(add_help=False)

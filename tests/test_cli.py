@@ -46,3 +46,21 @@ def test_reads_settings_file_from_other_folder(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "profile = voc" in result.stdout
     assert f"run_dir = {tmp_path.resolve() / 'elsewhere'}" in result.stdout
+
+
+def test_cam_stages_chain_from_the_shell(tmp_path):
+    "train-cam -> make-cams -> eval-cams on a tiny SynthWorld, each reading the previous stage's artifact."
+    tiny = ["--set", f"data.run_dir={tmp_path / 'runs'}", "--set", "synth.train_size=32", "--set", "synth.val_size=6",
+            "--set", "study.num_workers=0"]
+    missing = run_cli("make-cams", "--no-progress", *tiny)
+    assert missing.returncode == 2 and "run `qaclims train-cam --seed 0` first" in missing.stderr
+    trained = run_cli("train-cam", "--epochs", "1", "--no-progress", *tiny)
+    assert trained.returncode == 0, trained.stderr
+    checkpoint = Path(trained.stdout.strip().splitlines()[-1])
+    assert checkpoint.is_file()
+    cams = run_cli("make-cams", "--checkpoint", str(checkpoint), "--no-progress", *tiny)
+    assert cams.returncode == 0, cams.stderr
+    assert len(list(Path(cams.stdout.strip().splitlines()[-1]).glob("*.npz"))) == 6
+    scored = run_cli("eval-cams", "--checkpoint", str(checkpoint), *tiny)
+    assert scored.returncode == 0, scored.stderr
+    assert "CAM mIoU" in scored.stdout and Path(scored.stdout.strip().splitlines()[-1]).is_file()
