@@ -36,7 +36,7 @@ test: setup export
 	$(BIN)/python -m pytest tests/
 
 test-slow: setup
-	OMP_NUM_THREADS=1 $(BIN)/nbdev-test --n-workers 2 --flags slow
+	OMP_NUM_THREADS=1 $(BIN)/nbdev-test --n-workers 2 --flags slow --cell-timeout 0
 	$(BIN)/python -m pytest tests/ -m slow
 
 bench: setup
