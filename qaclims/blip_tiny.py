@@ -8,10 +8,9 @@ __all__ = ['SPECIAL_TOKENS', 'BLIP_TINY_CONFIGS', 'RECIPE_VERSION', 'KIND_WEIGHT
            'qa_examples', 'encode_examples', 'vqa_loss', 'vqa_quality_report', 'blip_tiny_key', 'save_blip_tiny',
            'read_blip_tiny', 'train_blip_tiny', 'committed_blip_tiny_dir', 'load_blip_tiny', 'publish_blip_tiny']
 
-# %% ../nbs/13_blip_tiny.ipynb #9cc39c05
+# %% ../nbs/13_blip_tiny.ipynb #eb7ea82a
 import copy
 import logging
-import math
 import shutil
 import string
 import time
@@ -26,15 +25,16 @@ from tokenizers.models import WordPiece
 from tqdm.auto import tqdm
 from transformers import BertTokenizerFast, BlipConfig, BlipForQuestionAnswering, BlipImageProcessor, BlipProcessor
 
+from .profiles import synth_world_config
 from .qape import QUESTION_GROUPS
 from .runs import Checkpointer, digest, manifest, read_json, seed_everything, stage_dir, write_json
 from .synth import SynthWorld
-from .profiles import synth_world_config
 from .synth_clip import committed_weights_dir
 from .synth_text import ANSWER_KINDS, QUESTIONS, answer_vocabulary, oracle_answers, parse_question
+from .train import warmup_cosine_lr
 from .vqa import BLIP_MEAN, BLIP_STD, BlipVQA, blip_pixels, mask_question_padding
 
-# %% ../nbs/13_blip_tiny.ipynb #200a0ab5
+# %% ../nbs/13_blip_tiny.ipynb #9cef8387
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "[ENC]")  # [PAD] is id 0, as in BLIP
 _NORMALIZER = dict(clean_text=True, handle_chinese_chars=False, strip_accents=True, lowercase=True)
 
@@ -65,7 +65,7 @@ def build_tokenizer(world: SynthWorld) -> BertTokenizerFast:
                              cls_token="[CLS]", mask_token="[MASK]", bos_token="[DEC]",
                              additional_special_tokens=["[ENC]"], do_lower_case=True, model_max_length=32)
 
-# %% ../nbs/13_blip_tiny.ipynb #0dbc3b76
+# %% ../nbs/13_blip_tiny.ipynb #25868c9e
 BLIP_TINY_CONFIGS = {
     "blip-tiny": {
         "model": {"patch_size": 16, "width": 128, "vision_layers": 4, "text_layers": 2, "heads": 4, "mlp_ratio": 4},
@@ -125,7 +125,7 @@ def fp16_megabytes(model) -> float:
     "Size of `model`'s weights stored as fp16 (tied tensors once), in MB (10^6 bytes)."
     return sum(p.numel() for p in model.parameters()) * 2 / 1e6
 
-# %% ../nbs/13_blip_tiny.ipynb #6d589d0d
+# %% ../nbs/13_blip_tiny.ipynb #5c519ca3
 KIND_WEIGHTS = np.array([1.0 / ANSWER_KINDS.count(kind) for kind in ANSWER_KINDS]) / len(set(ANSWER_KINDS))
 
 
@@ -159,7 +159,7 @@ def qa_examples(world: SynthWorld, split: str, indices, questions_per_pair: int 
             owner += [b] * len(asked)
     return dict(images=np.stack(images), questions=questions, answers=answers, owner=np.array(owner, np.int64))
 
-# %% ../nbs/13_blip_tiny.ipynb #e1385972
+# %% ../nbs/13_blip_tiny.ipynb #bff9da15
 def encode_examples(examples: dict, tokenizer, image_size: int) -> dict:
     """Tensors for `vqa_loss` from `qa_examples`' output.
 
@@ -178,7 +178,7 @@ def encode_examples(examples: dict, tokenizer, image_size: int) -> dict:
                 decoder_input_ids=decoder_input_ids, decoder_attention_mask=answers["attention_mask"],
                 labels=labels, owner=torch.from_numpy(examples["owner"]))
 
-# %% ../nbs/13_blip_tiny.ipynb #1c5b3af3
+# %% ../nbs/13_blip_tiny.ipynb #4f1f50ab
 def vqa_loss(model: BlipForQuestionAnswering, batch: dict) -> torch.Tensor:
     "BLIP's VQA loss (scalar) on a batch from `encode_examples`, with one ViT pass per image."
     image_states = model.vision_model(pixel_values=batch["pixel_values"]).last_hidden_state  # [B, L, D]
@@ -191,7 +191,7 @@ def vqa_loss(model: BlipForQuestionAnswering, batch: dict) -> torch.Tensor:
                               encoder_hidden_states=question_states, encoder_attention_mask=batch["attention_mask"],
                               labels=batch["labels"], reduction="mean").loss
 
-# %% ../nbs/13_blip_tiny.ipynb #aa5ea485
+# %% ../nbs/13_blip_tiny.ipynb #ea56b6a3
 _GROUP_OF = {QUESTIONS.index(q): group for group, questions in QUESTION_GROUPS.items() for q in questions}
 
 
@@ -228,7 +228,7 @@ def vqa_quality_report(answerer, world: SynthWorld, n: int = 200, split: str = "
     order = {g: i for i, g in enumerate(QUESTION_GROUPS)}
     return report.sort_values("group", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
 
-# %% ../nbs/13_blip_tiny.ipynb #6618c2a2
+# %% ../nbs/13_blip_tiny.ipynb #3028a43f
 _logger = logging.getLogger(__name__)
 MODEL_FOLDER = "blip-tiny"
 META_FILE = "blip_tiny.json"
@@ -259,13 +259,6 @@ def blip_tiny_key(settings, seed: int = 0, steps: int | None = None, config: str
                              "p_context": world.p_context}})
 
 
-def _learning_rate(step: int, steps: int, base: float, warmup: int) -> float:
-    "Linear warm-up over `warmup` steps, then cosine decay to 0 at `steps`."
-    if step < warmup:
-        return base * (step + 1) / warmup
-    return 0.5 * base * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-
 def _optimizer(model, train: dict):
     "AdamW: weight decay on matrices only; the ViT in its own group (its own learning rate)."
     groups = []
@@ -276,7 +269,7 @@ def _optimizer(model, train: dict):
         groups.append({"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "base_lr": lr})
     return torch.optim.AdamW(groups, lr=train["lr"], betas=(0.9, 0.98), eps=1e-8)
 
-# %% ../nbs/13_blip_tiny.ipynb #1c969494
+# %% ../nbs/13_blip_tiny.ipynb #4f2fa35f
 def save_blip_tiny(model, processor, folder, meta: dict) -> Path:
     "Write `model` (fp16 safetensors, config in float32), `processor` and `meta` (`blip_tiny.json`) into `folder`, atomically."
     folder = Path(folder)
@@ -299,7 +292,7 @@ def read_blip_tiny(folder, device="cpu", **kwargs) -> BlipVQA:
     kwargs.setdefault("image_size", int(read_json(folder / META_FILE)["image_size"]))
     return BlipVQA.from_pretrained(folder, device=device, dtype=torch.float32, **kwargs)
 
-# %% ../nbs/13_blip_tiny.ipynb #68184820
+# %% ../nbs/13_blip_tiny.ipynb #bc41d2cf
 def _rows(report: pd.DataFrame) -> list:
     return [{k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()} for row in report.to_dict("records")]
 
@@ -336,7 +329,7 @@ def train_blip_tiny(settings, seed: int = 0, steps: int | None = None, progress:
     clock = time.perf_counter()
     for step in range(start, steps):
         for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(step, steps, group["base_lr"], train["warmup_steps"])
+            group["lr"] = warmup_cosine_lr(step, steps, group["base_lr"], train["warmup_steps"])
         rng = np.random.default_rng([int(seed), step, 1])
         examples = qa_examples(world, "pretrain", step_images(seed, step, train["images_per_step"]),
                                train["questions_per_pair"], rng)
@@ -374,7 +367,7 @@ def train_blip_tiny(settings, seed: int = 0, steps: int | None = None, progress:
     checkpoints.path.unlink(missing_ok=True)  # the finished model replaces the (larger) last checkpoint
     return model_dir
 
-# %% ../nbs/13_blip_tiny.ipynb #2767b32d
+# %% ../nbs/13_blip_tiny.ipynb #046b9140
 def committed_blip_tiny_dir() -> Path:
     "`weights/synth/blip-tiny/` at the top of the checkout holding this package."
     return committed_weights_dir() / MODEL_FOLDER

@@ -8,11 +8,10 @@ __all__ = ['SYNTH_CLIP_CONFIGS', 'RECIPE_VERSION', 'CLASS_TEXT_WEIGHT', 'SCENE_C
            'fp16_megabytes', 'body_phrase', 'object_phrases', 'phrase_bank', 'Content', 'visible_content',
            'content_phrases', 'composite_caption', 'Region', 'grow', 'gaussian_blobs', 'cam_like', 'sample_region',
            'normalize_images', 'training_batch', 'multi_positive_clip_loss', 'encode_regions', 'prompt_features',
-           'clip_quality_report', 'synth_clip_key', 'PairBatches', 'learning_rate', 'committed_weights_dir',
-           'save_synth_clip', 'read_synth_clip', 'train_synth_clip', 'load_synth_clip', 'publish_synth_clip',
-           'region_text_similarity']
+           'clip_quality_report', 'synth_clip_key', 'PairBatches', 'committed_weights_dir', 'save_synth_clip',
+           'read_synth_clip', 'train_synth_clip', 'load_synth_clip', 'publish_synth_clip', 'region_text_similarity']
 
-# %% ../nbs/12_synth_clip.ipynb #0c0eb25f
+# %% ../nbs/12_synth_clip.ipynb #9a38e8cf
 import copy
 import dataclasses
 import logging
@@ -38,10 +37,11 @@ from .profiles import synth_world_config
 from .qape import TEXT_TEMPLATE, fg_texts
 from .runs import Checkpointer, digest, manifest, read_json, seed_everything, stage_dir, write_json
 from .synth import BODY_STYLES, CLASS_NAMES, CLASS_SPECS, SCENE_NAMES, THINGS, Sample, SynthWorld, WorldConfig
+from .train import warmup_cosine_lr
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 from .vlm import encode_masked, encode_texts, mask_prompted_from
 
-# %% ../nbs/12_synth_clip.ipynb #64be1121
+# %% ../nbs/12_synth_clip.ipynb #59a6c296
 SYNTH_CLIP_CONFIGS = {
     "synth-vit": {
         "embed_dim": 128,
@@ -70,7 +70,7 @@ def synth_clip_config(name: str) -> dict:
                          f"{sorted(SYNTH_CLIP_CONFIGS)}")
     return copy.deepcopy(SYNTH_CLIP_CONFIGS[name])
 
-# %% ../nbs/12_synth_clip.ipynb #fccef11e
+# %% ../nbs/12_synth_clip.ipynb #04afcbbf
 def check_image_size(config: dict, image_size: int, name: str = "synth CLIP") -> int:
     "`image_size` if the config's patch grid can take it (a multiple of the patch size), else a ValueError."
     patch = config["vision"]["patch_size"]
@@ -113,7 +113,7 @@ def fp16_megabytes(model) -> float:
     "Size of `model`'s weights stored as fp16, in MB (10^6 bytes)."
     return sum(t.numel() for t in model.state_dict().values()) * 2 / 1e6
 
-# %% ../nbs/12_synth_clip.ipynb #d25f9182
+# %% ../nbs/12_synth_clip.ipynb #ab376f6b
 def body_phrase(style: str) -> str:
     "How captions name a body style seen without its part: 'maroon checkered shape'."
     return f"{BODY_STYLES[style][2]} shape"
@@ -142,7 +142,7 @@ def phrase_bank(world: SynthWorld) -> list:
     bodies = sorted({body_phrase(s.body) for spec in world.class_specs for s in spec.subtypes})
     return list(dict.fromkeys([*world.classes, *subtypes, *bodies, *THINGS, *SCENE_NAMES]))
 
-# %% ../nbs/12_synth_clip.ipynb #6dff0ed5
+# %% ../nbs/12_synth_clip.ipynb #0f99943c
 class Content(NamedTuple):
     "What a region shows: objects [(index into graph['objects'], level)], things [(name, pixels)] by size, scene."
     objects: list
@@ -213,7 +213,7 @@ def composite_caption(sample: Sample, content: Content, rng, max_things: int = 3
         return f"a photo of {_join(names)}, with {_join(things)}."
     return TEXT_TEMPLATE.format(_join(names or things or ["nothing"]))
 
-# %% ../nbs/12_synth_clip.ipynb #f4bbfab2
+# %% ../nbs/12_synth_clip.ipynb #76848eb8
 REGION_MIX = {"whole": 0.30, "object": 0.12, "part": 0.06, "body": 0.08, "margin": 0.10, "thing": 0.12,
               "background": 0.04, "cam": 0.12, "cam_background": 0.06}
 REGION_KINDS = tuple(REGION_MIX)
@@ -302,7 +302,7 @@ def sample_region(sample: Sample, kind: str, rng) -> Region | None:
          "margin": lambda: grow(mine, 2 + int(rng.random() * 7))}[kind]()
     return Region(m.astype(np.float32), m, m) if m.any() else None
 
-# %% ../nbs/12_synth_clip.ipynb #f948fc65
+# %% ../nbs/12_synth_clip.ipynb #ee9f4a58
 def normalize_images(images: np.ndarray) -> torch.Tensor:
     "uint8 images [B, H, W, 3] -> ImageNet-normalised float32 [B, 3, H, W] (as the CAM network sees them)."
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
@@ -359,7 +359,7 @@ def training_batch(world: SynthWorld, seed: int, step: int, batch_size: int = 12
     return dict(images=normalize_images(images) * torch.from_numpy(weights), masks=torch.from_numpy(masks),
                 texts=texts, targets=targets, kinds=kinds, valid=valid)
 
-# %% ../nbs/12_synth_clip.ipynb #f736aac7
+# %% ../nbs/12_synth_clip.ipynb #b6da34bf
 def multi_positive_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, targets: torch.Tensor,
                              logit_scale: torch.Tensor) -> torch.Tensor:
     """Symmetric contrastive loss with several (weighted) true texts per image and true images per text.
@@ -384,7 +384,7 @@ def multi_positive_clip_loss(image_features: torch.Tensor, text_features: torch.
     text_loss = -(by_text / by_text.sum(0, keepdim=True) * logits[:, used].log_softmax(0)).sum(0)
     return 0.5 * (image_loss.mean() + text_loss.mean())
 
-# %% ../nbs/12_synth_clip.ipynb #c2782079
+# %% ../nbs/12_synth_clip.ipynb #824bcc81
 def encode_regions(model, images: np.ndarray, weights: np.ndarray, masks: np.ndarray, batch_size: int = 256,
                    autocast: bool = False) -> torch.Tensor:
     """L2-normalised features float32 [R, D] of regions.
@@ -410,7 +410,7 @@ def prompt_features(model, tokenizer, phrases: list) -> torch.Tensor:
     "L2-normalised text features float32 [N, D] of 'a photo of {phrase}.' for each phrase."
     return encode_texts(model, tokenizer, [TEXT_TEMPLATE.format(p) for p in phrases]).cpu()
 
-# %% ../nbs/12_synth_clip.ipynb #e2125428
+# %% ../nbs/12_synth_clip.ipynb #c063f9b1
 SYNTH_CLIP_GOALS = {("typical", "object", "class"): 0.95, ("typical", "thing", "thing"): 0.98,
                     ("typical", "body", "subtype"): 0.90, ("typical", "whole", "class"): 0.90}
 
@@ -517,7 +517,7 @@ def clip_quality_report(model, world: SynthWorld, n: int = 300, tokenizer=None, 
     model.train(was_training)
     return pd.DataFrame(rows)
 
-# %% ../nbs/12_synth_clip.ipynb #52577e95
+# %% ../nbs/12_synth_clip.ipynb #5365f4c2
 _logger = logging.getLogger(__name__)
 
 
@@ -545,7 +545,7 @@ def synth_clip_key(settings, seed: int = 0, steps: int | None = None) -> str:
                    "class_text_weight": [CLASS_TEXT_WEIGHT, SCENE_CLASS_TEXT_WEIGHT],
                    "recipe": RECIPE_VERSION, "seed": int(seed), "steps": _steps(config, steps), "world": world})
 
-# %% ../nbs/12_synth_clip.ipynb #37c4efca
+# %% ../nbs/12_synth_clip.ipynb #0f8200ba
 class PairBatches(Dataset):
     "Training batches indexed by step (`training_batch`), with the texts tokenised: a Dataset for a DataLoader."
 
@@ -567,13 +567,6 @@ def _as_is(batch):
     return batch
 
 
-def learning_rate(step: int, steps: int, base: float, warmup: int) -> float:
-    "Linear warm-up over `warmup` steps, then cosine decay to 0 at `steps`."
-    if step < warmup:
-        return base * (step + 1) / warmup
-    return 0.5 * base * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-
 def _optimizer(model, train: dict):
     "AdamW with weight decay on matrices (and the mask embedding) only, as open_clip's training does."
     decay = [p for p in model.parameters() if p.ndim >= 2]
@@ -581,7 +574,7 @@ def _optimizer(model, train: dict):
     return torch.optim.AdamW([{"params": decay, "weight_decay": train["weight_decay"]},
                               {"params": other, "weight_decay": 0.0}], lr=train["lr"], betas=(0.9, 0.98), eps=1e-6)
 
-# %% ../nbs/12_synth_clip.ipynb #19c0d31b
+# %% ../nbs/12_synth_clip.ipynb #eef8e4b1
 def committed_weights_dir() -> Path:
     "`weights/synth/` at the top of the checkout holding this package: where the committed weights live."
     import qaclims
@@ -623,7 +616,7 @@ def _plain_rows(report: pd.DataFrame) -> list:
     return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
             for row in report.to_dict("records")]
 
-# %% ../nbs/12_synth_clip.ipynb #af47aa2c
+# %% ../nbs/12_synth_clip.ipynb #efbecc18
 def train_synth_clip(settings, seed: int = 0, steps: int | None = None, progress: bool = True) -> Path:
     """Train the synth CLIP of `settings` (or find it trained) and return its weights file (fp16 safetensors).
 
@@ -658,7 +651,7 @@ def train_synth_clip(settings, seed: int = 0, steps: int | None = None, progress
     clock = time.perf_counter()
     for step, batch in zip(range(start, steps), loader):
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, steps, train["lr"], train["warmup_steps"])
+            group["lr"] = warmup_cosine_lr(step, steps, train["lr"], train["warmup_steps"])
         image_features = F.normalize(model.visual(batch["images"], batch["masks"]), dim=-1)
         text_features = F.normalize(model.encode_text(batch["tokens"]), dim=-1)
         loss = multi_positive_clip_loss(image_features, text_features, batch["targets"], model.logit_scale.exp())
@@ -693,7 +686,7 @@ def train_synth_clip(settings, seed: int = 0, steps: int | None = None, progress
     checkpoints.path.unlink(missing_ok=True)  # the finished weights replace the (large) last checkpoint
     return weights
 
-# %% ../nbs/12_synth_clip.ipynb #2a0358b8
+# %% ../nbs/12_synth_clip.ipynb #e35dde87
 def load_synth_clip(settings, seed: int = 0, weights_dir=None, progress: bool = True) -> tuple:
     """(model, tokenizer): the trained synth CLIP of `settings` (frozen, eval mode, on [study] device).
 
@@ -727,7 +720,7 @@ def publish_synth_clip(settings, seed: int = 0, folder=None, progress: bool = Tr
         shutil.copyfile(source, folder / source.name)
     return folder / weights.name
 
-# %% ../nbs/12_synth_clip.ipynb #3520f399
+# %% ../nbs/12_synth_clip.ipynb #eff0288c
 def region_text_similarity(model, tokenizer, sample: Sample, index: int = 0, seed: int = 0) -> pd.DataFrame:
     "Cosine similarities [regions x texts] of the regions of object `index` of `sample` and the texts RITC would use."
     o = sample.graph["objects"][index]
