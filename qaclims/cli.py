@@ -5,14 +5,14 @@
 # %% auto #0
 __all__ = ['SUBCOMMANDS', 'build_parser', 'main']
 
-# %% ../nbs/99_cli.ipynb #3d791357
+# %% ../nbs/99_cli.ipynb #4af6ad89
 import argparse
 import sys
 
 from . import __version__
 from .settings import load_settings, render_settings
 
-# %% ../nbs/99_cli.ipynb #0eded35a
+# %% ../nbs/99_cli.ipynb #1614c37f
 def _add_settings_args(parser):
     pass
 
@@ -47,7 +47,7 @@ def _print_quality(rows, columns):
     import pandas as pd
     print(pd.DataFrame(rows)[list(columns)].round(3).to_string(index=False))
 
-# %% ../nbs/99_cli.ipynb #9516b049
+# %% ../nbs/99_cli.ipynb #65a55251
 def _add_small_model_args(parser):
     _add_seed_args(parser)
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
@@ -90,7 +90,7 @@ def _run_blip_tiny(args, settings) -> int:
     print(f"model: {folder} ({meta['weights_mb']} MB, trained in {meta['train_seconds'] / 60:.1f} min)")
     return 0
 
-# %% ../nbs/99_cli.ipynb #ee2099ed
+# %% ../nbs/99_cli.ipynb #9fa59493
 def _add_train_cam_args(parser):
     _add_seed_args(parser)
     parser.add_argument("--epochs", type=int, default=None, help="epochs (default: the profile's config)")
@@ -101,6 +101,24 @@ def _run_train_cam(args, settings) -> int:
     from qaclims.train_cam import train_cam
     overrides = {} if args.epochs is None else {"epochs": args.epochs}
     print(train_cam(settings, seed=args.seed, progress=args.progress, **overrides))
+    return 0
+
+
+def _add_train_ritc_args(parser):
+    _add_seed_args(parser)
+    parser.add_argument("--method", choices=("qaclims", "clims"), default="qaclims",
+                        help="qaclims (RITC with the QAPE texts) or clims (its fixed texts and losses); default qaclims")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs (default: the profile's config)")
+
+
+def _run_train_ritc(args, settings) -> int:
+    "Stage 2: RITC (or CLIMS) training from the baseline of --seed; prints the final checkpoint."
+    from qaclims.dist import distributed
+    from qaclims.train_ritc import train_ritc
+    overrides = {} if args.epochs is None else {"epochs": args.epochs}
+    path = train_ritc(settings, seed=args.seed, method=args.method, progress=args.progress, **overrides)
+    if distributed(settings.study.device).main:
+        print(path)
     return 0
 
 
@@ -182,11 +200,12 @@ SUBCOMMANDS = {
     "qape": ("stage 1: ask the QAPE questions for a split, then cache the prompts' CLIP text features",
              _add_qape_args, _run_qape),
     "train-cam": ("stage 0: train the baseline CAM network", _add_train_cam_args, _run_train_cam),
+    "train-ritc": ("stage 2: RITC (or CLIMS) training of the CAM network", _add_train_ritc_args, _run_train_ritc),
     "make-cams": ("stage 3: multi-scale CAMs of a split", _add_make_cams_args, _run_make_cams),
     "eval-cams": ("stage 4: CAM mIoU over the threshold sweep", _add_eval_cams_args, _run_eval_cams),
 }
 
-# %% ../nbs/99_cli.ipynb #af920966
+# %% ../nbs/99_cli.ipynb #7d242627
 def build_parser() -> argparse.ArgumentParser:
     "The `qaclims` argument parser with one sub-parser per entry of `SUBCOMMANDS`."
     common = argparse.ArgumentParser(add_help=False)
