@@ -4,9 +4,10 @@
 
 # %% auto #0
 __all__ = ['CAM_TRAIN_CONFIGS', 'CamTrainConfig', 'cam_train_config', 'CamTrainView', 'build_cam_net', 'save_cam_net',
-           'load_cam_net', 'average_precision', 'classifier_scores', 'cam_key', 'cam_checkpoint_path', 'train_cam']
+           'load_cam_net', 'average_precision', 'classifier_scores', 'cam_key', 'cam_checkpoint_path', 'epoch_steps',
+           'resume_training', 'train_cam']
 
-# %% ../nbs/30_train_cam.ipynb #5b3576a5
+# %% ../nbs/30_train_cam.ipynb #d0757762
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -25,7 +26,7 @@ from .runs import Checkpointer, digest, manifest, read_json, save_torch, seed_ev
 from .train import cam_optimizer
 from .transforms import TrainAugment, TransformedDataset, collate_samples, normalize_image
 
-# %% ../nbs/30_train_cam.ipynb #93c6b672
+# %% ../nbs/30_train_cam.ipynb #ba25bf57
 @dataclass(frozen=True)
 class CamTrainConfig:
     """Hyper-parameters of the baseline CAM training (method.md stage 0).
@@ -86,7 +87,7 @@ def cam_train_config(settings, config: CamTrainConfig | None = None, **overrides
         raise ValueError(f"unknown CamTrainConfig field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     return replace(config, **overrides)
 
-# %% ../nbs/30_train_cam.ipynb #6ffe25b8
+# %% ../nbs/30_train_cam.ipynb #60736d1b
 class CamTrainView:
     "sample, rng -> {'image': float32 [3, S, S], 'label_vector': float32 [K]}, with the config's augmentation."
     random = True
@@ -99,7 +100,7 @@ class CamTrainView:
         image = self.augment({"image": sample["image"]}, rng)["image"]
         return {"image": image, "label_vector": torch.as_tensor(np.asarray(sample["label_vector"], np.float32))}
 
-# %% ../nbs/30_train_cam.ipynb #9040cc6a
+# %% ../nbs/30_train_cam.ipynb #83eaf077
 def build_cam_net(settings, config: CamTrainConfig, num_classes: int) -> CamNet:
     "The CamNet of `config`: backbone weights from [models] backbone_weights (ignored by the synth profile)."
     net = CamNet(num_classes, arch=config.arch, output_stride=config.output_stride, bn=config.bn)
@@ -143,7 +144,7 @@ def load_cam_net(path, device="cpu") -> CamNet:
     load_cam_checkpoint(net, weights, f"CAM checkpoint '{path}'")
     return net.to(device).eval()
 
-# %% ../nbs/30_train_cam.ipynb #54ff1ea2
+# %% ../nbs/30_train_cam.ipynb #898f6c19
 def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     "AP of each class: scores, targets [N, K] -> [K] (NaN for a class without positives); ties ranked pessimistically."
     order = torch.argsort(scores, dim=0, descending=True, stable=True)
@@ -181,7 +182,7 @@ def classifier_scores(net: CamNet, dataset, batch_size: int = 64, device="cpu", 
             "label_accuracy": float((predicted == targets).float().mean()),
             "exact_match": float((predicted == targets).all(1).float().mean())}
 
-# %% ../nbs/30_train_cam.ipynb #da228037
+# %% ../nbs/30_train_cam.ipynb #5b8fe365
 def cam_key(settings, config: CamTrainConfig, seed: int, world_size: int = 1) -> str:
     "Content key of a stage-0 run: data settings, backbone init, config, seed (and world size if > 1)."
     what = {"stage": "cam", "data": data_key(settings), "config": asdict(config), "seed": int(seed)}
@@ -198,7 +199,30 @@ def cam_checkpoint_path(settings, seed: int = 0, config: CamTrainConfig | None =
     config = cam_train_config(settings, config, **overrides)
     return Path(settings.data.run_dir) / "cam" / cam_key(settings, config, seed) / "final.pt"
 
-# %% ../nbs/30_train_cam.ipynb #b57887ba
+# %% ../nbs/30_train_cam.ipynb #0bee28bd
+def epoch_steps(num_images: int, batch_size: int, context: DistContext) -> int:
+    "Full global batches of `batch_size` in an epoch of `num_images` split over the processes; an error if none."
+    steps = (num_images // context.world_size) // (batch_size // context.world_size)
+    if steps < 1:
+        raise ValueError(f"{num_images} training images give no full batch of {batch_size}; "
+                         f"lower batch_size or add images ([synth] train_size)")
+    return steps
+
+
+def resume_training(checkpoints: Checkpointer, net, optimizer, scheduler, context: DistContext) -> dict | None:
+    "Load the last checkpoint (if any) into `net`, `optimizer` and `scheduler`, random state too; returns it."
+    state = checkpoints.load()
+    if state is None:
+        return None
+    if state.get("world_size", 1) != context.world_size:
+        raise ValueError(f"checkpoint '{checkpoints.path}' was written by {state.get('world_size', 1)} processes, "
+                         f"this run has {context.world_size}; rerun with the same number or delete the folder")
+    net.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state
+
+# %% ../nbs/30_train_cam.ipynb #0c24e28b
 def _train_loop(model, optimizer, scheduler, train_set, config: CamTrainConfig, seed: int, context: DistContext,
                 device, start_step: int, max_step: int, steps_per_epoch: int, num_workers: int, save, bar) -> float:
     "Steps start_step..max_step of the CAM training; `save(step, loss)` every checkpoint_every steps. Returns the last loss."
@@ -251,24 +275,13 @@ def train_cam(settings, seed: int = 0, config: CamTrainConfig | None = None, pro
     num_classes = dataset.dataset.num_classes if isinstance(dataset, Subset) else dataset.num_classes
     net = build_cam_net(settings, config, num_classes).to(device)
     train_set = TransformedDataset(dataset, CamTrainView(config), seed=seed)
-    steps_per_epoch = (len(dataset) // context.world_size) // (config.batch_size // context.world_size)
-    if steps_per_epoch < 1:
-        raise ValueError(f"{len(dataset)} training images give no full batch of {config.batch_size}; "
-                         f"lower batch_size or add images ([synth] train_size)")
-    max_step = steps_per_epoch * config.epochs
+    per_epoch = epoch_steps(len(dataset), config.batch_size, context)
+    max_step = per_epoch * config.epochs
     backbone, head = net.param_groups()
     optimizer, scheduler = cam_optimizer(backbone, head, config.lr, config.weight_decay, max_step,
                                          config.head_lr_mult, momentum=config.momentum)
-    state = checkpoints.load()  # restores the random generators too
-    step, elapsed = 0, 0.0
-    if state is not None:
-        if state.get("world_size", 1) != context.world_size:
-            raise ValueError(f"checkpoint '{checkpoints.path}' was written by {state.get('world_size', 1)} processes, "
-                             f"this run has {context.world_size}; rerun with the same number or delete the folder")
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, elapsed = state["step"], state["elapsed"]
+    state = resume_training(checkpoints, net, optimizer, scheduler, context)
+    step, elapsed = (0, 0.0) if state is None else (state["step"], state["elapsed"])
     model = DistributedDataParallel(net) if context.active else net
     started = time.perf_counter()
 
@@ -281,7 +294,7 @@ def train_cam(settings, seed: int = 0, config: CamTrainConfig | None = None, pro
     workers = settings.study.num_workers if num_workers is None else num_workers
     with tqdm(total=max_step, initial=step, desc="train_cam", disable=not (progress and context.main)) as bar:
         loss_value = _train_loop(model, optimizer, scheduler, train_set, config, seed, context, device, step, max_step,
-                                 steps_per_epoch, workers, save, bar)
+                                 per_epoch, workers, save, bar)
     train_seconds = elapsed + time.perf_counter() - started
     if context.main:
         val_set = profile_dataset(settings, "val")

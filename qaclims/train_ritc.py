@@ -9,7 +9,7 @@ __all__ = ['METHODS', 'LOSS_TERMS', 'AMP_MODES', 'RITC_CONFIGS', 'CLIMS_BACKGROU
            'model_digest', 'texts_digest', 'ritc_key', 'stage0_checkpoint', 'load_stage0', 'load_clip_model',
            'default_pair_texts', 'text_features_of', 'train_ritc']
 
-# %% ../nbs/32_train_ritc.ipynb #8a995765
+# %% ../nbs/32_train_ritc.ipynb #afeb5824
 import hashlib
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -36,11 +36,11 @@ from .runs import Checkpointer, digest, file_digest, manifest, seed_everything, 
 from .synth import GENERIC_CONTEXT_WORDS
 from .synth_text import oracle_answers
 from .train import cam_optimizer
-from .train_cam import cam_checkpoint_path, classifier_scores, save_cam_net
+from .train_cam import cam_checkpoint_path, classifier_scores, epoch_steps, resume_training, save_cam_net
 from .transforms import TrainAugment, TransformedDataset, collate_samples
 from .vlm import TextFeatureCache, encode_masked
 
-# %% ../nbs/32_train_ritc.ipynb #c77090a1
+# %% ../nbs/32_train_ritc.ipynb #7e7ffd58
 METHODS = ("qaclims", "clims")
 LOSS_TERMS = {"qaclims": ("frc", "brc", "reg"), "clims": ("otm", "btm", "cbs", "reg")}
 AMP_MODES = ("none", "bf16")
@@ -159,7 +159,7 @@ def ritc_config(settings, config: RitcConfig | None = None, **overrides) -> Ritc
         raise ValueError(f"unknown RitcConfig field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     return replace(config, **overrides)
 
-# %% ../nbs/32_train_ritc.ipynb #46fc19ed
+# %% ../nbs/32_train_ritc.ipynb #87844bcc
 CLIMS_BACKGROUND_WORDS = {
     "voc": ("tree", "river", "sea", "lake", "water", "railway", "railroad", "track", "stone", "rocks"),
     "coco": ("street sign", "mountain", "video game", "men", "track", "bus stop", "cabinet", "tray", "plate", "shirt",
@@ -181,7 +181,7 @@ def clims_background_prompts(profile: str) -> list:
         raise ValueError(f"no CLIMS background list for profile {profile!r}; expected one of {list(CLIMS_BACKGROUND_WORDS)}")
     return [to_prompt(word) for word in CLIMS_BACKGROUND_WORDS[profile]]
 
-# %% ../nbs/32_train_ritc.ipynb #c240d30f
+# %% ../nbs/32_train_ritc.ipynb #1cce7a60
 def oracle_pair_texts(dataset, groups=FG_GROUPS + BG_GROUPS, error_rate: float = 0.0, seed: int = 0,
                       count: int | None = None) -> dict:
     """{(image id, class name): PairPrompts} of the first `count` images of a SynthWorld `dataset`, from the oracle.
@@ -203,7 +203,7 @@ def oracle_pair_texts(dataset, groups=FG_GROUPS + BG_GROUPS, error_rate: float =
             texts[(sample["id"], name)] = pair_prompts(fg, bg, name)
     return texts
 
-# %% ../nbs/32_train_ritc.ipynb #ec0d11c8
+# %% ../nbs/32_train_ritc.ipynb #df59cd1e
 def _pair_key(key, class_names) -> tuple:
     "(image id, class id) of a key (image id, class name or class id)."
     if not (isinstance(key, tuple) and len(key) == 2 and isinstance(key[0], str)):
@@ -271,7 +271,7 @@ class PairTextTable:
         rows, valid = rows[:, :width], valid[:, :width]
         return self.fg[m], self.features[rows.clamp(min=0)], valid
 
-# %% ../nbs/32_train_ritc.ipynb #8a6219b2
+# %% ../nbs/32_train_ritc.ipynb #60dd2566
 class SigmoidCams(nn.Module):
     "A CamNet's training CAMs: images [N, 3, H, W] -> sigmoid(classifier(features)) [N, K, h, w]."
 
@@ -311,7 +311,7 @@ def region_views(cams: torch.Tensor, images: torch.Tensor, n: torch.Tensor, k: t
         fg_mask = bg_mask = torch.ones_like(cam).detach()
     return {"cam": cam, "fg": cam * image, "bg": (1.0 - cam) * image, "fg_mask": fg_mask, "bg_mask": bg_mask}
 
-# %% ../nbs/32_train_ritc.ipynb #0524c8ef
+# %% ../nbs/32_train_ritc.ipynb #76ddde8b
 def encode_views(clip_model, views: dict, fat: bool = True, mask_prompt: bool | None = None) -> tuple:
     "L2-normalised CLIP features (f [P, D], b [P, D]) of the foreground and background images, in one call."
     count = views["fg"].shape[0]
@@ -320,7 +320,7 @@ def encode_views(clip_model, views: dict, fat: bool = True, mask_prompt: bool | 
     features = encode_masked(clip_model, images, masks, mask_prompt=mask_prompt if fat else False)
     return features[:count], features[count:]
 
-# %% ../nbs/32_train_ritc.ipynb #705d4428
+# %% ../nbs/32_train_ritc.ipynb #9c82f23a
 def _zero(cams: torch.Tensor) -> torch.Tensor:
     "A zero scalar that stays on the CAMs' graph (so every process has a gradient to reduce)."
     return cams.sum() * 0.0
@@ -369,7 +369,7 @@ def clims_losses(f: torch.Tensor, b: torch.Tensor, t_label: torch.Tensor, t_fixe
     terms["skipped"] = 0
     return terms
 
-# %% ../nbs/32_train_ritc.ipynb #cb760a11
+# %% ../nbs/32_train_ritc.ipynb #b8f8b5ed
 class ClimsTexts:
     "CLIMS's texts: the class prompts [K, D] and the fixed background prompts [B, D], from `features` (texts -> [T, D])."
 
@@ -410,7 +410,7 @@ def ritc_step(cam_model, clip_model, images: torch.Tensor, label_vectors: torch.
     terms["pairs"] = int(len(n))
     return terms
 
-# %% ../nbs/32_train_ritc.ipynb #b4b89ea2
+# %% ../nbs/32_train_ritc.ipynb #2727e154
 class RitcTrainView:
     "sample, rng -> {'image': float32 [3, S, S], 'label_vector': float32 [K], 'id': str}, with IRN's augmentation."
     random = True
@@ -448,7 +448,7 @@ def ritc_key(settings, config: RitcConfig, seed: int, cam_digest: str, clip_dige
         what["world_size"] = int(world_size)
     return digest(what)
 
-# %% ../nbs/32_train_ritc.ipynb #fca64298
+# %% ../nbs/32_train_ritc.ipynb #daff74d9
 def stage0_checkpoint(settings, seed: int, cam_checkpoint=None) -> Path:
     "The stage-0 checkpoint RITC starts from (default: `cam_checkpoint_path(settings, seed)`), or a clear error."
     path = Path(cam_checkpoint) if cam_checkpoint is not None else cam_checkpoint_path(settings, seed)
@@ -511,7 +511,7 @@ def text_features_of(text_features, model, tokenizer):
         raise TypeError(f"text_features must be a TextFeatureCache, a path or a callable, got {type(text_features).__name__}")
     return text_features
 
-# %% ../nbs/32_train_ritc.ipynb #2f0de30f
+# %% ../nbs/32_train_ritc.ipynb #36fad937
 def _log_terms(terms: dict, context: DistContext) -> dict:
     "The batch's loss terms as floats, averaged over processes."
     names = [t for t in terms if t not in ("pairs", "skipped")]
@@ -602,24 +602,13 @@ def train_ritc(settings, seed: int = 0, method: str = "qaclims", config: RitcCon
     if net.num_classes != len(class_names):
         raise ValueError(f"stage-0 checkpoint '{start_path}' has {net.num_classes} classes, the data {len(class_names)}")
     train_set = TransformedDataset(dataset, RitcTrainView(config), seed=seed)
-    steps_per_epoch = (len(dataset) // context.world_size) // (config.batch_size // context.world_size)
-    if steps_per_epoch < 1:
-        raise ValueError(f"{len(dataset)} training images give no full batch of {config.batch_size}; "
-                         f"lower batch_size or add images")
-    max_step = steps_per_epoch * config.epochs
+    per_epoch = epoch_steps(len(dataset), config.batch_size, context)
+    max_step = per_epoch * config.epochs
     backbone, head = net.param_groups()
     optimizer, scheduler = cam_optimizer(backbone, head, config.lr, config.weight_decay, max_step,
                                          config.head_lr_mult, momentum=config.momentum)
-    state = checkpoints.load()  # restores the random generators too
-    step, elapsed, history = 0, 0.0, []
-    if state is not None:
-        if state.get("world_size", 1) != context.world_size:
-            raise ValueError(f"checkpoint '{checkpoints.path}' was written by {state.get('world_size', 1)} processes, "
-                             f"this run has {context.world_size}; rerun with the same number or delete the folder")
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, elapsed, history = state["step"], state["elapsed"], list(state["history"])
+    state = resume_training(checkpoints, net, optimizer, scheduler, context)
+    step, elapsed, history = (0, 0.0, []) if state is None else (state["step"], state["elapsed"], list(state["history"]))
     cam_model = SigmoidCams(net)
     if context.active:
         if device.type == "cuda":
@@ -637,7 +626,7 @@ def train_ritc(settings, seed: int = 0, method: str = "qaclims", config: RitcCon
     with tqdm(total=max_step, initial=step, desc=f"train_ritc ({config.method})",
               disable=not (progress and context.main)) as bar:
         _train_loop(cam_model, model_clip, texts, optimizer, scheduler, train_set, config, seed, context, device, step,
-                    max_step, steps_per_epoch, workers, history, save, bar)
+                    max_step, per_epoch, workers, history, save, bar)
     train_seconds = elapsed + time.perf_counter() - started
     if context.main:
         scores = classifier_scores(net, profile_dataset(settings, "val"), device=device, limit=config.val_images)
