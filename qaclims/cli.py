@@ -5,14 +5,14 @@
 # %% auto #0
 __all__ = ['SUBCOMMANDS', 'build_parser', 'main']
 
-# %% ../nbs/99_cli.ipynb #4af6ad89
+# %% ../nbs/99_cli.ipynb #e9adb548
 import argparse
 import sys
 
 from . import __version__
 from .settings import load_settings, render_settings
 
-# %% ../nbs/99_cli.ipynb #1614c37f
+# %% ../nbs/99_cli.ipynb #37872a7b
 def _add_settings_args(parser):
     pass
 
@@ -47,7 +47,7 @@ def _print_quality(rows, columns):
     import pandas as pd
     print(pd.DataFrame(rows)[list(columns)].round(3).to_string(index=False))
 
-# %% ../nbs/99_cli.ipynb #65a55251
+# %% ../nbs/99_cli.ipynb #345d9b83
 def _add_small_model_args(parser):
     _add_seed_args(parser)
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
@@ -90,7 +90,7 @@ def _run_blip_tiny(args, settings) -> int:
     print(f"model: {folder} ({meta['weights_mb']} MB, trained in {meta['train_seconds'] / 60:.1f} min)")
     return 0
 
-# %% ../nbs/99_cli.ipynb #9fa59493
+# %% ../nbs/99_cli.ipynb #2e384b9c
 def _add_train_cam_args(parser):
     _add_seed_args(parser)
     parser.add_argument("--epochs", type=int, default=None, help="epochs (default: the profile's config)")
@@ -190,6 +190,24 @@ def _run_qape(args, settings) -> int:
     return 0
 
 
+def _add_pipeline_args(parser):
+    _add_seed_args(parser)
+    parser.add_argument("--method", choices=("cam", "clims", "qaclims"), default="qaclims",
+                        help="cam (the baseline), clims or qaclims (default)")
+    parser.add_argument("--split", default="val", help="split to make and score CAMs on (default val)")
+
+
+def _run_pipeline(args, settings) -> int:
+    "Stages 0-4 of one method and seed, skipping what is done; prints the scores and the time of each stage."
+    from qaclims.pipeline import run_cam_pipeline
+    result = run_cam_pipeline(settings, args.method, seed=args.seed, split=args.split, progress=args.progress)
+    print(f"{args.method} seed {args.seed}: CAM mIoU {result['cam_miou']:.2f} at 0.15, best {result['cam_miou_best']:.2f} "
+          f"at {result['best_threshold']:.2f}")
+    print("seconds: " + ", ".join(f"{stage} {s:.0f}" for stage, s in result["seconds"].items()))
+    print(result["metrics_file"])
+    return 0
+
+
 SUBCOMMANDS = {
     "settings": ("show the effective settings (settings.ini plus --set overrides)", _add_settings_args, _run_settings),
     "bench": ("run the benchmarks and print a table", _add_bench_args, _run_bench),
@@ -203,9 +221,11 @@ SUBCOMMANDS = {
     "train-ritc": ("stage 2: RITC (or CLIMS) training of the CAM network", _add_train_ritc_args, _run_train_ritc),
     "make-cams": ("stage 3: multi-scale CAMs of a split", _add_make_cams_args, _run_make_cams),
     "eval-cams": ("stage 4: CAM mIoU over the threshold sweep", _add_eval_cams_args, _run_eval_cams),
+    "pipeline": ("stages 0-4 of one method (cam, clims, qaclims) in order, skipping what is done",
+                 _add_pipeline_args, _run_pipeline),
 }
 
-# %% ../nbs/99_cli.ipynb #7d242627
+# %% ../nbs/99_cli.ipynb #3818553b
 def build_parser() -> argparse.ArgumentParser:
     "The `qaclims` argument parser with one sub-parser per entry of `SUBCOMMANDS`."
     common = argparse.ArgumentParser(add_help=False)

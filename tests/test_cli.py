@@ -64,3 +64,18 @@ def test_cam_stages_chain_from_the_shell(tmp_path):
     scored = run_cli("eval-cams", "--checkpoint", str(checkpoint), *tiny)
     assert scored.returncode == 0, scored.stderr
     assert "CAM mIoU" in scored.stdout and Path(scored.stdout.strip().splitlines()[-1]).is_file()
+
+
+def test_pipeline_runs_the_baseline_chain(tmp_path):
+    "`qaclims pipeline --method cam`: train-cam, make-cams and eval-cams in one command; the second run redoes nothing."
+    tiny = ["--set", f"data.run_dir={tmp_path / 'runs'}", "--set", "synth.train_size=16", "--set", "synth.val_size=4",
+            "--set", "study.num_workers=0"]
+    first = run_cli("pipeline", "--method", "cam", "--no-progress", *tiny)
+    assert first.returncode == 0, first.stderr
+    assert "cam seed 0: CAM mIoU" in first.stdout and Path(first.stdout.strip().splitlines()[-1]).is_file()
+    assert "train_cam" in first.stdout and "make_cams" in first.stdout
+    again = run_cli("pipeline", "--method", "cam", "--no-progress", *tiny)
+    assert again.returncode == 0 and "nothing to do" in again.stdout
+    assert again.stdout.strip().splitlines()[-1] == first.stdout.strip().splitlines()[-1]
+    wrong = run_cli("pipeline", "--method", "irn", *tiny)
+    assert wrong.returncode == 2 and "invalid choice" in wrong.stderr
