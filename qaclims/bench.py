@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['COLUMNS', 'BENCHMARKS', 'best_time', 'synthetic_cam_samples', 'naive_sweep_confusions', 'bench_threshold_sweep',
-           'bench_synth_generation', 'bench_qape', 'run_benchmarks', 'format_table']
+           'bench_synth_generation', 'bench_qape', 'bench_random_walk', 'run_benchmarks', 'format_table']
 
-# %% ../nbs/90_bench.ipynb #e05723ab
+# %% ../nbs/90_bench.ipynb #4f3d4e89
 import time
 
 import numpy as np
@@ -14,7 +14,7 @@ import pandas as pd
 
 from .evaluate import cams_to_labels, confusion, iou, sweep_confusions, threshold_sweep
 
-# %% ../nbs/90_bench.ipynb #585fec02
+# %% ../nbs/90_bench.ipynb #4e07d7b2
 COLUMNS = ("benchmark", "variant", "seconds", "speedup", "same_output", "notes")
 
 
@@ -29,7 +29,7 @@ def best_time(fn, repeat: int = 1):
         seconds = min(seconds, time.perf_counter() - start)
     return seconds, result
 
-# %% ../nbs/90_bench.ipynb #b997d1d4
+# %% ../nbs/90_bench.ipynb #4f1e76cc
 def synthetic_cam_samples(n_images: int, height: int, width: int, num_classes: int = 21,
                           max_objects: int = 3, seed: int = 0) -> list:
     """Seeded synthetic CAM-evaluation inputs: a list of `(cams float32 [k, H, W], keys int64 [k], gt uint8 [H, W])`.
@@ -65,7 +65,7 @@ def synthetic_cam_samples(n_images: int, height: int, width: int, num_classes: i
         samples.append((cams, keys, gt))
     return samples
 
-# %% ../nbs/90_bench.ipynb #2d4b737b
+# %% ../nbs/90_bench.ipynb #201b6b7d
 def naive_sweep_confusions(samples, thresholds, num_classes: int = 21, ignore_index=255) -> np.ndarray:
     """Confusions `[T, C, C]` the reference's way: one pass over all samples per threshold.
 
@@ -77,7 +77,7 @@ def naive_sweep_confusions(samples, thresholds, num_classes: int = 21, ignore_in
             confusions[t] += confusion(cams_to_labels(cams, keys, threshold), gt, num_classes, ignore_index)
     return confusions
 
-# %% ../nbs/90_bench.ipynb #bd00c4f5
+# %% ../nbs/90_bench.ipynb #414e0c2c
 def bench_threshold_sweep(quick: bool = False) -> list:
     "`threshold_sweep` over 56 thresholds (0.05 ... 0.60) vs the per-threshold loop, on the same CAMs."
     n_images, height, width = (8, 48, 64) if quick else (200, 300, 400)
@@ -99,7 +99,7 @@ def bench_threshold_sweep(quick: bool = False) -> list:
              speedup=naive_seconds / sweep_seconds, same_output=same, notes=notes + ", best of 3"),
     ]
 
-# %% ../nbs/90_bench.ipynb #d5b02f68
+# %% ../nbs/90_bench.ipynb #9e057375
 def bench_synth_generation(quick: bool = False) -> list:
     "SynthWorld images generated per second in one process; same_output: a sample generated twice is identical."
     from qaclims.synth import SynthWorld, generation_rate
@@ -116,11 +116,18 @@ def bench_qape(quick: bool = False) -> list:
     from qaclims.answers import bench_qape as run
     return run(quick=quick)
 
-# %% ../nbs/90_bench.ipynb #1558fd8d
+
+def bench_random_walk(quick: bool = False) -> list:
+    "IRN's random walk, sparse stencil against the reference's dense T^256 (`qaclims.refine.bench_random_walk`)."
+    from qaclims.refine import bench_random_walk as run
+    return run(quick=quick)
+
+# %% ../nbs/90_bench.ipynb #45264740
 BENCHMARKS = {
     "threshold_sweep": bench_threshold_sweep,
     "synth_generation": bench_synth_generation,
     "qape": bench_qape,
+    "random_walk": bench_random_walk,
 }
 
 
@@ -144,7 +151,7 @@ def run_benchmarks(names=None, quick: bool = False, registry=None) -> pd.DataFra
             rows.append(row)
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
-# %% ../nbs/90_bench.ipynb #f9e27e12
+# %% ../nbs/90_bench.ipynb #0ca0b1dc
 def _format_cell(column: str, value) -> str:
     if column == "seconds":
         return f"{value:.3f}"
