@@ -548,6 +548,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'qaclims.train_ritc.ritc_key': ('train_ritc.html#ritc_key', 'qaclims/train_ritc.py'),
                                     'qaclims.train_ritc.ritc_step': ('train_ritc.html#ritc_step', 'qaclims/train_ritc.py'),
                                     'qaclims.train_ritc.stage0_checkpoint': ('train_ritc.html#stage0_checkpoint', 'qaclims/train_ritc.py'),
+                                    'qaclims.train_ritc.stage_text_features': ( 'train_ritc.html#stage_text_features',
+                                                                                'qaclims/train_ritc.py'),
                                     'qaclims.train_ritc.text_features_of': ('train_ritc.html#text_features_of', 'qaclims/train_ritc.py'),
                                     'qaclims.train_ritc.texts_digest': ('train_ritc.html#texts_digest', 'qaclims/train_ritc.py'),
                                     'qaclims.train_ritc.train_ritc': ('train_ritc.html#train_ritc', 'qaclims/train_ritc.py')},

@@ -9,7 +9,7 @@ __all__ = ['QUESTIONS', 'FORMAT', 'ANSWERS_FILE', 'TEXT_FEATURES_FILE', 'oracle_
            'answer_split', 'read_records', 'load_answers', 'prompts_for_image', 'pair_texts', 'load_clip_for',
            'text_feature_cache', 'bench_qape']
 
-# %% ../nbs/31_answers.ipynb #43ef6e1f
+# %% ../nbs/31_answers.ipynb #f37a5df0
 import hashlib
 import json
 import time
@@ -29,8 +29,9 @@ from .runs import _atomic, digest, manifest, read_json, stage_dir, write_json
 from .synth_text import OracleVQA
 from .vlm import TextFeatureCache, text_encoder_digest
 from .vqa import BlipVQA, mask_question_padding
+from .weights import local_path
 
-# %% ../nbs/31_answers.ipynb #41b6a1be
+# %% ../nbs/31_answers.ipynb #add7c4ea
 QUESTIONS = FG_QUESTIONS + BG_QUESTIONS  # question index q of every record: 0-5 foreground, 6-15 background
 FORMAT = "qaclims.answers.v1"
 
@@ -57,14 +58,17 @@ def answerer_key(settings, seed: int = 0) -> dict:
     "A stable description of the settings' VQA answerer (for content keys), computed without loading it."
     seed = _check_seed(seed)
     if check_profile(settings) != "synth":
-        return {"name": "blip", "model": str(settings.models.vqa_model), "image_size": 480, "num_beams": 3,
-                "max_length": 10, "min_length": 1}
+        model = str(settings.models.vqa_model)
+        base_dir = Path(settings.source).parent if getattr(settings, "source", None) else None
+        folder = local_path(model, base_dir)  # a local folder is keyed by where it is, not by how the file names it
+        return {"name": "blip", "model": str(folder.resolve()) if folder is not None else model, "image_size": 480,
+                "num_beams": 3, "max_length": 10, "min_length": 1}
     kind = settings.models.synth_vqa
     if kind == "oracle":
         return oracle_key(settings.models.synth_vqa_error_rate, seed)
     if kind == "blip-tiny":
         from qaclims.blip_tiny import blip_tiny_key
-        return {"name": "blip-tiny", "weights": blip_tiny_key(settings, seed), "num_beams": 3, "max_length": 10,
+        return {"name": "blip-tiny", "weights": blip_tiny_key(settings), "num_beams": 3, "max_length": 10,
                 "min_length": 1}
     raise ValueError(f"unknown [models] synth_vqa {kind!r}: expected oracle or blip-tiny")
 
@@ -77,7 +81,7 @@ def answerer_from_settings(settings, seed: int = 0, device=None):
         return OracleVQA(settings.models.synth_vqa_error_rate, seed)
     if key["name"] == "blip-tiny":
         from qaclims.blip_tiny import load_blip_tiny
-        return load_blip_tiny(settings.with_overrides({"study.device": str(device)}), seed)
+        return load_blip_tiny(settings.with_overrides({"study.device": str(device)}))  # the world's model, one for all seeds
     from qaclims.vqa import from_settings
     return from_settings(settings, device=device)
 
@@ -101,7 +105,7 @@ def describe_answerer(answerer) -> dict:
     raise TypeError(f"cannot describe a {type(answerer).__name__}: pass key=... (a dict that "
                     f"identifies its answers) together with the answerer")
 
-# %% ../nbs/31_answers.ipynb #a255a336
+# %% ../nbs/31_answers.ipynb #054a2876
 def present_classes(item: dict) -> list:
     "Sorted 0-based ids of the classes in dataset `item` (from 'label_vector', else 'labels'); error if none."
     if "label_vector" in item:
@@ -148,7 +152,7 @@ def ask_images(answerer, items: list, class_names) -> list:
         records.extend(answer_records(str(item["id"]), ks, class_names, per_class))
     return records
 
-# %% ../nbs/31_answers.ipynb #25336392
+# %% ../nbs/31_answers.ipynb #74af774b
 ANSWERS_FILE = "answers.jsonl"
 
 
@@ -205,7 +209,7 @@ def append_lines(handle, lines: list) -> None:
     handle.write("".join(lines))
     handle.flush()
 
-# %% ../nbs/31_answers.ipynb #389d52a7
+# %% ../nbs/31_answers.ipynb #598735ce
 def answers_key(settings, split: str, key: dict) -> str:
     "Content key of the answers of `split`: data settings, split, answerer key, questions, record format."
     return digest({"stage": "answers", "format": FORMAT, "data": data_key(settings), "split": split,
@@ -297,7 +301,7 @@ def answer_split(settings, split: str = "train", answerer=None, seed: int = 0, k
     barrier(context)
     return folder
 
-# %% ../nbs/31_answers.ipynb #175a6a34
+# %% ../nbs/31_answers.ipynb #18782d92
 def _answers_file(source, split: str, seed: int) -> Path:
     "The answers file of a stage folder, or of the settings' answers of `split`; a clear error if not finished."
     folder = Path(source) if isinstance(source, (str, Path)) else answers_dir(source, split, seed)
@@ -359,15 +363,18 @@ def pair_texts(prompts: dict, class_names=()) -> list:
         texts.extend(pair.bg)
     return list(dict.fromkeys(texts))
 
-# %% ../nbs/31_answers.ipynb #3797abc0
+# %% ../nbs/31_answers.ipynb #e936fd86
 TEXT_FEATURES_FILE = "text_features.pt"
 
 
-def load_clip_for(settings, seed: int = 0) -> tuple:
-    "(model, tokenizer): the CLIP of the settings' profile (the synth CLIP, or [models] clip_model)."
+def load_clip_for(settings) -> tuple:
+    """(model, tokenizer): the CLIP of the settings' profile (the synth CLIP, or [models] clip_model).
+
+    SynthWorld's small models are the world's, trained once (seed 0, the committed weights) and shared by
+    every run seed: a run's seed picks its CAM networks and data order, not its CLIP or VQA model."""
     if check_profile(settings) == "synth":
         from qaclims.synth_clip import load_synth_clip
-        return load_synth_clip(settings, seed)
+        return load_synth_clip(settings)
     from qaclims.vlm import from_settings
     return from_settings(settings)
 
@@ -375,12 +382,12 @@ def load_clip_for(settings, seed: int = 0) -> tuple:
 def text_feature_cache(settings, split: str = "train", clip=None, seed: int = 0, answers=None) -> Path:
     """The text feature cache of `split`'s prompts: every distinct prompt encoded once. Returns the .pt file.
 
-    clip: (model, tokenizer), default `load_clip_for(settings, seed)`; answers: a finished answers folder,
+    clip: (model, tokenizer), default `load_clip_for(settings)`; answers: a finished answers folder,
     default the settings' (`answers_dir`). Cached in `<run_dir>/text_features/<key>/`.
     """
     answers = Path(answers) if answers is not None else answers_dir(settings, split, seed)
     _answers_file(answers, split, seed)  # a clear error before any model is loaded
-    model, tokenizer = load_clip_for(settings, seed) if clip is None else clip
+    model, tokenizer = load_clip_for(settings) if clip is None else clip
     encoder = text_encoder_digest(model, tokenizer)
     folder = stage_dir(settings, "text_features", digest({"answers": answers.name, "encoder": encoder,
                                                            "format": TextFeatureCache.FORMAT}))
@@ -400,7 +407,7 @@ def text_feature_cache(settings, split: str = "train", clip=None, seed: int = 0,
     write_json(folder / "done.json", {"texts": len(cache), "file": TEXT_FEATURES_FILE})
     return path
 
-# %% ../nbs/31_answers.ipynb #cb93c452
+# %% ../nbs/31_answers.ipynb #c1806140
 def bench_qape(quick: bool = False, images: int | None = None, images_per_call: int = 8) -> list:
     "Rows (see `qaclims.bench.COLUMNS`): one question per call vs `ask_images`, same random blip-tiny, same answers."
     from qaclims.blip_tiny import build_blip_tiny, build_tokenizer

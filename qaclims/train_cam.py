@@ -304,7 +304,8 @@ def train_cam(settings, seed: int = 0, config: CamTrainConfig | None = None, pro
         result = {"steps": max_step, "epochs": config.epochs, "train_seconds": round(train_seconds, 1),
                   "final_loss": loss_value, "val": scores}
         write_json(folder / "manifest.json", manifest(settings, "cam", seed=seed, inputs={"data": data_key(settings)},
-                                                      config=asdict(config), world_size=context.world_size, **result))
+                                                      config=asdict(config), split=TRAIN_SPLITS[settings.study.profile],
+                                                      world_size=context.world_size, **result))
         checkpoints.finish(result)
         checkpoints.path.unlink(missing_ok=True)
     barrier(context)

@@ -7,9 +7,9 @@ __all__ = ['METHODS', 'LOSS_TERMS', 'AMP_MODES', 'RITC_CONFIGS', 'CLIMS_BACKGROU
            'clims_background_prompts', 'oracle_pair_texts', 'PairTextTable', 'SigmoidCams', 'positive_pairs',
            'region_views', 'encode_views', 'qaclims_losses', 'clims_losses', 'ClimsTexts', 'ritc_step', 'RitcTrainView',
            'model_digest', 'texts_digest', 'ritc_key', 'stage0_checkpoint', 'load_stage0', 'load_clip_model',
-           'default_pair_texts', 'text_features_of', 'train_ritc']
+           'default_pair_texts', 'stage_text_features', 'text_features_of', 'train_ritc']
 
-# %% ../nbs/32_train_ritc.ipynb #afeb5824
+# %% ../nbs/32_train_ritc.ipynb #d9da9ba5
 import hashlib
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from .answers import answers_dir, load_answers
+from .answers import answers_dir, load_answers, text_feature_cache
 from .camnet import CamNet, load_cam_checkpoint
 from .dist import DistContext, barrier, distributed, epoch_batches, process_device
 from .fat import fat_masks
@@ -40,7 +40,7 @@ from .train_cam import cam_checkpoint_path, classifier_scores, epoch_steps, resu
 from .transforms import TrainAugment, TransformedDataset, collate_samples
 from .vlm import TextFeatureCache, encode_masked
 
-# %% ../nbs/32_train_ritc.ipynb #7e7ffd58
+# %% ../nbs/32_train_ritc.ipynb #53fddf16
 METHODS = ("qaclims", "clims")
 LOSS_TERMS = {"qaclims": ("frc", "brc", "reg"), "clims": ("otm", "btm", "cbs", "reg")}
 AMP_MODES = ("none", "bf16")
@@ -159,7 +159,7 @@ def ritc_config(settings, config: RitcConfig | None = None, **overrides) -> Ritc
         raise ValueError(f"unknown RitcConfig field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     return replace(config, **overrides)
 
-# %% ../nbs/32_train_ritc.ipynb #87844bcc
+# %% ../nbs/32_train_ritc.ipynb #8bc31551
 CLIMS_BACKGROUND_WORDS = {
     "voc": ("tree", "river", "sea", "lake", "water", "railway", "railroad", "track", "stone", "rocks"),
     "coco": ("street sign", "mountain", "video game", "men", "track", "bus stop", "cabinet", "tray", "plate", "shirt",
@@ -181,7 +181,7 @@ def clims_background_prompts(profile: str) -> list:
         raise ValueError(f"no CLIMS background list for profile {profile!r}; expected one of {list(CLIMS_BACKGROUND_WORDS)}")
     return [to_prompt(word) for word in CLIMS_BACKGROUND_WORDS[profile]]
 
-# %% ../nbs/32_train_ritc.ipynb #1cce7a60
+# %% ../nbs/32_train_ritc.ipynb #7dd6ccb7
 def oracle_pair_texts(dataset, groups=FG_GROUPS + BG_GROUPS, error_rate: float = 0.0, seed: int = 0,
                       count: int | None = None) -> dict:
     """{(image id, class name): PairPrompts} of the first `count` images of a SynthWorld `dataset`, from the oracle.
@@ -203,7 +203,7 @@ def oracle_pair_texts(dataset, groups=FG_GROUPS + BG_GROUPS, error_rate: float =
             texts[(sample["id"], name)] = pair_prompts(fg, bg, name)
     return texts
 
-# %% ../nbs/32_train_ritc.ipynb #df59cd1e
+# %% ../nbs/32_train_ritc.ipynb #47d72b86
 def _pair_key(key, class_names) -> tuple:
     "(image id, class id) of a key (image id, class name or class id)."
     if not (isinstance(key, tuple) and len(key) == 2 and isinstance(key[0], str)):
@@ -271,7 +271,7 @@ class PairTextTable:
         rows, valid = rows[:, :width], valid[:, :width]
         return self.fg[m], self.features[rows.clamp(min=0)], valid
 
-# %% ../nbs/32_train_ritc.ipynb #60dd2566
+# %% ../nbs/32_train_ritc.ipynb #acbb79e0
 class SigmoidCams(nn.Module):
     "A CamNet's training CAMs: images [N, 3, H, W] -> sigmoid(classifier(features)) [N, K, h, w]."
 
@@ -311,7 +311,7 @@ def region_views(cams: torch.Tensor, images: torch.Tensor, n: torch.Tensor, k: t
         fg_mask = bg_mask = torch.ones_like(cam).detach()
     return {"cam": cam, "fg": cam * image, "bg": (1.0 - cam) * image, "fg_mask": fg_mask, "bg_mask": bg_mask}
 
-# %% ../nbs/32_train_ritc.ipynb #76ddde8b
+# %% ../nbs/32_train_ritc.ipynb #ffbe08ee
 def encode_views(clip_model, views: dict, fat: bool = True, mask_prompt: bool | None = None) -> tuple:
     "L2-normalised CLIP features (f [P, D], b [P, D]) of the foreground and background images, in one call."
     count = views["fg"].shape[0]
@@ -320,7 +320,7 @@ def encode_views(clip_model, views: dict, fat: bool = True, mask_prompt: bool | 
     features = encode_masked(clip_model, images, masks, mask_prompt=mask_prompt if fat else False)
     return features[:count], features[count:]
 
-# %% ../nbs/32_train_ritc.ipynb #9c82f23a
+# %% ../nbs/32_train_ritc.ipynb #bace71da
 def _zero(cams: torch.Tensor) -> torch.Tensor:
     "A zero scalar that stays on the CAMs' graph (so every process has a gradient to reduce)."
     return cams.sum() * 0.0
@@ -369,7 +369,7 @@ def clims_losses(f: torch.Tensor, b: torch.Tensor, t_label: torch.Tensor, t_fixe
     terms["skipped"] = 0
     return terms
 
-# %% ../nbs/32_train_ritc.ipynb #b8f8b5ed
+# %% ../nbs/32_train_ritc.ipynb #49a9ab54
 class ClimsTexts:
     "CLIMS's texts: the class prompts [K, D] and the fixed background prompts [B, D], from `features` (texts -> [T, D])."
 
@@ -410,7 +410,7 @@ def ritc_step(cam_model, clip_model, images: torch.Tensor, label_vectors: torch.
     terms["pairs"] = int(len(n))
     return terms
 
-# %% ../nbs/32_train_ritc.ipynb #2727e154
+# %% ../nbs/32_train_ritc.ipynb #72a790ad
 class RitcTrainView:
     "sample, rng -> {'image': float32 [3, S, S], 'label_vector': float32 [K], 'id': str}, with IRN's augmentation."
     random = True
@@ -448,7 +448,7 @@ def ritc_key(settings, config: RitcConfig, seed: int, cam_digest: str, clip_dige
         what["world_size"] = int(world_size)
     return digest(what)
 
-# %% ../nbs/32_train_ritc.ipynb #daff74d9
+# %% ../nbs/32_train_ritc.ipynb #bb559e27
 def stage0_checkpoint(settings, seed: int, cam_checkpoint=None) -> Path:
     "The stage-0 checkpoint RITC starts from (default: `cam_checkpoint_path(settings, seed)`), or a clear error."
     path = Path(cam_checkpoint) if cam_checkpoint is not None else cam_checkpoint_path(settings, seed)
@@ -472,11 +472,13 @@ def load_stage0(path, config: RitcConfig, device="cpu") -> CamNet:
     return net.to(device).train()
 
 
-def load_clip_model(settings, seed: int = 0, device="cpu") -> tuple:
-    "(model, tokenizer): the settings' CLIP (the synth CLIP, or [models] clip_model), frozen, in eval mode."
+def load_clip_model(settings, device="cpu") -> tuple:
+    """(model, tokenizer): the settings' CLIP (the synth CLIP, or [models] clip_model), frozen, in eval mode.
+
+    The synth CLIP is the world's (seed 0, the committed weights), the same for every run seed."""
     if settings.study.profile == "synth":
         from qaclims.synth_clip import load_synth_clip
-        model, tokenizer = load_synth_clip(settings, seed)
+        model, tokenizer = load_synth_clip(settings)
     else:
         from qaclims.vlm import from_settings
         model, tokenizer = from_settings(settings)
@@ -501,6 +503,18 @@ def default_pair_texts(settings, dataset, config: RitcConfig, seed: int = 0) -> 
     return oracle_pair_texts(base, config.groups, settings.models.synth_vqa_error_rate, seed, len(dataset))
 
 
+def stage_text_features(settings, clip: tuple, seed: int = 0, context: DistContext | None = None) -> Path | None:
+    """The QAPE stage's text feature cache of the training split (`text_feature_cache`; made if missing), or
+    None when that split has no finished answers. clip: (model, tokenizer). Under torchrun rank 0 writes it."""
+    split = TRAIN_SPLITS[settings.study.profile]
+    if not (answers_dir(settings, split, seed) / "done.json").is_file():
+        return None
+    context = context or distributed(settings.study.device)
+    path = text_feature_cache(settings, split, clip=clip, seed=seed) if context.main else None
+    barrier(context)
+    return path if context.main else text_feature_cache(settings, split, clip=clip, seed=seed)
+
+
 def text_features_of(text_features, model, tokenizer):
     "texts -> features: a TextFeatureCache (or any such callable) as given, a cache file path, or a new in-memory cache."
     if text_features is None:
@@ -511,7 +525,7 @@ def text_features_of(text_features, model, tokenizer):
         raise TypeError(f"text_features must be a TextFeatureCache, a path or a callable, got {type(text_features).__name__}")
     return text_features
 
-# %% ../nbs/32_train_ritc.ipynb #36fad937
+# %% ../nbs/32_train_ritc.ipynb #4b32851a
 def _log_terms(terms: dict, context: DistContext) -> dict:
     "The batch's loss terms as floats, averaged over processes."
     names = [t for t in terms if t not in ("pairs", "skipped")]
@@ -558,8 +572,9 @@ def train_ritc(settings, seed: int = 0, method: str = "qaclims", config: RitcCon
 
     settings: the study settings; seed: the run's seed (and the stage-0 checkpoint's); method: 'qaclims' or
     'clims'; config: a RitcConfig (default: the profile's `RITC_CONFIGS`) with `overrides` applied.
-    pair_texts: {(image id, class name or id): PairPrompts} (default: the SynthWorld oracle's); text_features:
-    a TextFeatureCache, its file, or texts -> features (default: encoded now); clip: (model, tokenizer)
+    pair_texts: {(image id, class name or id): PairPrompts} (default: `default_pair_texts`); text_features:
+    a TextFeatureCache, its file, or texts -> features (default: the QAPE stage's cache, `stage_text_features`,
+    when the texts are the stage's, else encoded now); clip: (model, tokenizer)
     (default: the settings' CLIP); cam_checkpoint: the stage-0 checkpoint (default: `cam_checkpoint_path`).
     Runs alone or under torchrun (DDP; rank 0 writes). Cached in `<run_dir>/ritc/<key>`; resumes there.
     """
@@ -573,12 +588,13 @@ def train_ritc(settings, seed: int = 0, method: str = "qaclims", config: RitcCon
     if config.train_images is not None:
         dataset = Subset(dataset, range(min(config.train_images, len(dataset))))
     class_names = list(getattr(dataset.dataset if isinstance(dataset, Subset) else dataset, "class_names"))
-    model_clip, tokenizer = load_clip_model(settings, seed, device) if clip is None else clip
+    model_clip, tokenizer = load_clip_model(settings, device) if clip is None else clip
     model_clip = model_clip.to(device).eval().requires_grad_(False)
     size = tuple(getattr(model_clip.visual, "image_size", (config.clip_size, config.clip_size)))
     if size != (config.clip_size, config.clip_size):
         raise ValueError(f"RitcConfig.clip_size = {config.clip_size} but the CLIP takes {size[0]}x{size[1]} images; "
                          f"set clip_size={size[0]}")
+    stage_texts = config.method == "qaclims" and pair_texts is None and text_features is None
     if config.method == "qaclims":
         pair_texts = default_pair_texts(settings, dataset, config, seed) if pair_texts is None else pair_texts
         text_key = texts_digest(pair_texts)
@@ -592,6 +608,8 @@ def train_ritc(settings, seed: int = 0, method: str = "qaclims", config: RitcCon
         if context.main:
             print(f"train_ritc: '{final}' is complete ({config.method}, seed {seed}); nothing to do")
         return final
+    if stage_texts:  # the texts come from the QAPE stage: so do their features, encoded once there
+        text_features = stage_text_features(settings, (model_clip, tokenizer), seed, context)
     features = text_features_of(text_features, model_clip, tokenizer)
     if config.method == "qaclims":
         texts = PairTextTable(pair_texts, features, class_names, config.label_weight)
@@ -638,6 +656,8 @@ def train_ritc(settings, seed: int = 0, method: str = "qaclims", config: RitcCon
                   "train_seconds": round(train_seconds, 1), "final_losses": last, "val": scores}
         inputs = {"data": data_key(settings), "cam_checkpoint": str(start_path),
                   "cam_checkpoint_digest": file_digest(start_path), "clip": model_digest(model_clip), "texts": text_key}
+        if isinstance(text_features, (str, Path)):
+            inputs["text_features"] = str(text_features)
         write_json(folder / "manifest.json", manifest(settings, "ritc", seed=seed, inputs=inputs, config=asdict(config),
                                                       split=TRAIN_SPLITS[settings.study.profile],
                                                       world_size=context.world_size, **result))
