@@ -5,14 +5,15 @@
 # %% auto #0
 __all__ = ['SUBCOMMANDS', 'build_parser', 'main']
 
-# %% ../nbs/99_cli.ipynb #e9adb548
+# %% ../nbs/99_cli.ipynb #537491b3
 import argparse
+import ast
 import sys
 
 from . import __version__
 from .settings import load_settings, render_settings
 
-# %% ../nbs/99_cli.ipynb #37872a7b
+# %% ../nbs/99_cli.ipynb #c5d2d3a9
 def _add_settings_args(parser):
     pass
 
@@ -47,7 +48,7 @@ def _print_quality(rows, columns):
     import pandas as pd
     print(pd.DataFrame(rows)[list(columns)].round(3).to_string(index=False))
 
-# %% ../nbs/99_cli.ipynb #345d9b83
+# %% ../nbs/99_cli.ipynb #4c04708b
 def _add_small_model_args(parser):
     _add_seed_args(parser)
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
@@ -90,7 +91,7 @@ def _run_blip_tiny(args, settings) -> int:
     print(f"model: {folder} ({meta['weights_mb']} MB, trained in {meta['train_seconds'] / 60:.1f} min)")
     return 0
 
-# %% ../nbs/99_cli.ipynb #2e384b9c
+# %% ../nbs/99_cli.ipynb #3eb4ac09
 def _add_train_cam_args(parser):
     _add_seed_args(parser)
     parser.add_argument("--epochs", type=int, default=None, help="epochs (default: the profile's config)")
@@ -190,22 +191,129 @@ def _run_qape(args, settings) -> int:
     return 0
 
 
-def _add_pipeline_args(parser):
+def _add_chain_args(parser):
+    "Which method's chain and where it is scored: shared by pipeline, refine and segment."
     _add_seed_args(parser)
     parser.add_argument("--method", choices=("cam", "clims", "qaclims"), default="qaclims",
                         help="cam (the baseline), clims or qaclims (default)")
-    parser.add_argument("--split", default="val", help="split to make and score CAMs on (default val)")
+    parser.add_argument("--split", default="val",
+                        help="split to make and score CAMs (and pseudo masks) on (default val; on VOC the papers use train)")
+
+
+def _add_refine_args(parser):
+    _add_chain_args(parser)
+    parser.add_argument("--checkpoint", default=None,
+                        help="the method's CAM network (default: the pipeline's for --method and --seed, made if missing)")
+    parser.add_argument("--images", type=int, default=None, metavar="N",
+                        help="only the first N training images for the IRN and the segmenter (default: all)")
+    parser.add_argument("--irn-set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="set an IrnTrainConfig field, e.g. --irn-set epochs=1; repeatable")
+
+
+def _add_segment_args(parser):
+    _add_refine_args(parser)
+    parser.add_argument("--segment-set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="set a SegmentConfig field, e.g. --segment-set iterations=200; repeatable")
+    parser.add_argument("--crf", action="store_true", help="also score the segmenter with the dense CRF")
+
+
+def _add_pipeline_args(parser):
+    _add_segment_args(parser)
+    parser.add_argument("--refine", action="store_true",
+                        help="go on with stages 5-6: IR labels, IRN, pseudo masks, the segmenter")
+
+
+def _config_overrides(pairs: list, option: str) -> dict:
+    "FIELD=VALUE strings as config overrides: a value is read as a Python literal (1, 0.5, (1.0, 0.5)), else kept as text."
+    overrides = {}
+    for pair in pairs:
+        field, equals, text = pair.partition("=")
+        if not equals or not field.strip():
+            raise ValueError(f"{option} takes FIELD=VALUE, got {pair!r} (e.g. {option} epochs=1)")
+        try:
+            value = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            value = text.strip()
+        overrides[field.strip()] = value
+    return overrides
+
+
+def _run_chain(args, settings, refine: bool, segmenter: bool) -> dict:
+    "The pipeline as the options say: stages 0-4, then (refine) stage 5, then (segmenter) stage 6."
+    from qaclims.pipeline import run_cam_pipeline, run_refinement_pipeline
+    if not refine:
+        return run_cam_pipeline(settings, args.method, seed=args.seed, split=args.split, progress=args.progress,
+                                checkpoint=args.checkpoint)
+    return run_refinement_pipeline(settings, args.method, seed=args.seed, split=args.split, progress=args.progress,
+                                   irn_overrides=_config_overrides(args.irn_set, "--irn-set"),
+                                   segment_overrides=_config_overrides(getattr(args, "segment_set", []), "--segment-set"),
+                                   images=args.images, checkpoint=args.checkpoint, crf=getattr(args, "crf", False),
+                                   segmenter=segmenter)
+
+
+def _print_scores(args, result: dict):
+    "The scores the chain reached (mIoU in percent) and the time of each stage."
+    name = f"{args.method} seed {args.seed}"
+    print(f"{name}: CAM mIoU {result['cam_miou']:.2f} at 0.15, best {result['cam_miou_best']:.2f} "
+          f"at {result['best_threshold']:.2f}")
+    if result.get("pseudo_miou") is not None:
+        print(f"{name}: pseudo-mask mIoU {result['pseudo_miou']:.2f} on {result['pseudo_split']}")
+    if result.get("seg_miou") is not None:
+        crf = "" if result["seg_miou_crf"] is None else f", {result['seg_miou_crf']:.2f} with the CRF"
+        print(f"{name}: segmenter mIoU {result['seg_miou']:.2f} on {result['seg_split']}{crf}")
+    print("seconds: " + ", ".join(f"{stage} {s:.0f}" for stage, s in result["seconds"].items()))
 
 
 def _run_pipeline(args, settings) -> int:
-    "Stages 0-4 of one method and seed, skipping what is done; prints the scores and the time of each stage."
-    from qaclims.pipeline import run_cam_pipeline
-    result = run_cam_pipeline(settings, args.method, seed=args.seed, split=args.split, progress=args.progress)
-    print(f"{args.method} seed {args.seed}: CAM mIoU {result['cam_miou']:.2f} at 0.15, best {result['cam_miou_best']:.2f} "
-          f"at {result['best_threshold']:.2f}")
-    print("seconds: " + ", ".join(f"{stage} {s:.0f}" for stage, s in result["seconds"].items()))
-    print(result["metrics_file"])
+    "Stages 0-4 of one method and seed (with --refine, 0-6), skipping what is done; prints the scores and the times."
+    if not args.refine:
+        given = [flag for flag, value in (("--images", args.images), ("--irn-set", args.irn_set),
+                                          ("--segment-set", args.segment_set), ("--crf", args.crf)) if value]
+        if given:
+            raise ValueError(f"{', '.join(given)} belong(s) to stages 5-6: add --refine")
+    result = _run_chain(args, settings, refine=args.refine, segmenter=True)
+    _print_scores(args, result)
+    print(result["seg_metrics_file"] if args.refine else result["metrics_file"])
     return 0
+
+
+def _run_refine(args, settings) -> int:
+    "Stage 5 of one method and seed (after the CAM stages, skipping what is done); prints the pseudo-mask mIoU."
+    result = _run_chain(args, settings, refine=True, segmenter=False)
+    _print_scores(args, result)
+    print(f"pseudo masks ({result['pseudo_split']}): {result['pseudo_masks_dir']}")
+    print(f"pseudo masks (training images): {result['train_masks_dir']}")
+    return 0
+
+
+def _run_segment(args, settings) -> int:
+    "Stage 6 on the method's pseudo masks (after the stages before it, skipping what is done); prints the segmenter's mIoU."
+    result = _run_chain(args, settings, refine=True, segmenter=True)
+    _print_scores(args, result)
+    print(result["seg_metrics_file"])
+    return 0
+
+# %% ../nbs/99_cli.ipynb #75f4431f
+def _add_study_args(parser):
+    parser.add_argument("--profile", choices=("synth", "voc", "coco"), default=None,
+                        help="the world to run in (default: [study] profile of the settings)")
+    parser.add_argument("--tables", nargs="+", metavar="TABLE", help="run only these tables (default: all of the profile's)")
+    parser.add_argument("--jobs", type=int, default=1, help="rows run side by side, one lane per seed (default 1)")
+    parser.add_argument("--scale", default="default", help="a scale of the spec: default (make study) or full")
+    parser.add_argument("--spec", metavar="PATH", default=None, help="the study spec (default: the nearest study.yaml)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="seeds (default: the spec's, else [study] seeds)")
+    parser.add_argument("--results", metavar="DIR", default=None,
+                        help="results folder (default: results/ for the default scale, results-<scale>/ else)")
+    parser.add_argument("--no-figures", dest="figures", action="store_false", help="tables and report only")
+
+
+def _run_study(args, settings) -> int:
+    "Run the study's rows that are not done (papermill), then write the tables, the report and the figures."
+    from qaclims.study import run_study
+    result = run_study(settings, args.spec, profile=args.profile, tables=args.tables, jobs=args.jobs, scale=args.scale,
+                       seeds=args.seeds, results_dir=args.results, figures=args.figures)
+    return 1 if result["problems"] else 0
 
 
 SUBCOMMANDS = {
@@ -221,11 +329,17 @@ SUBCOMMANDS = {
     "train-ritc": ("stage 2: RITC (or CLIMS) training of the CAM network", _add_train_ritc_args, _run_train_ritc),
     "make-cams": ("stage 3: multi-scale CAMs of a split", _add_make_cams_args, _run_make_cams),
     "eval-cams": ("stage 4: CAM mIoU over the threshold sweep", _add_eval_cams_args, _run_eval_cams),
-    "pipeline": ("stages 0-4 of one method (cam, clims, qaclims) in order, skipping what is done",
+    "pipeline": ("stages 0-4 of one method (cam, clims, qaclims) in order, skipping what is done (--refine: 0-6)",
                  _add_pipeline_args, _run_pipeline),
+    "refine": ("stage 5 of one method: IR labels, IRN, pseudo masks and their mIoU (after the CAM stages it needs)",
+               _add_refine_args, _run_refine),
+    "segment": ("stage 6 of one method: the segmenter trained on its pseudo masks, and its mIoU",
+                _add_segment_args, _run_segment),
+    "study": ("run every table and ablation of study.yaml (papermill, skipping finished rows), then tables, "
+              "report and figures", _add_study_args, _run_study),
 }
 
-# %% ../nbs/99_cli.ipynb #3818553b
+# %% ../nbs/99_cli.ipynb #124372cd
 def build_parser() -> argparse.ArgumentParser:
     "The `qaclims` argument parser with one sub-parser per entry of `SUBCOMMANDS`."
     common = argparse.ArgumentParser(add_help=False)
@@ -252,6 +366,6 @@ def main(argv=None) -> int:
     try:
         settings = load_settings(args.settings, args.set)
         return SUBCOMMANDS[args.command][2](args, settings)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as error:
         print(f"qaclims {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -1,5 +1,6 @@
-"""The CAM chain in the paper's VOC profile: QAPE -> text features -> stage 0 -> RITC (QA-CLIMS and CLIMS) -> CAMs ->
-CAM mIoU, through the functions behind the CLI's subcommands (and the CLI itself for some stages).
+"""The chain in the paper's VOC profile: QAPE -> text features -> stage 0 -> RITC (QA-CLIMS and CLIMS) -> CAMs ->
+CAM mIoU, through the functions behind the CLI's subcommands (and the CLI itself for some stages); then, from the
+QA-CLIMS network, IR labels -> IRN -> pseudo masks (scored on VOC train) -> DeepLabV2-ResNet-101 (scored on VOC val).
 
 The default test runs it on the fixture VOC tree with random-weight models of the real kinds (a BLIP VQA model saved
 as a transformers folder, an open_clip ViT saved as a checkpoint file plus an OV-Seg-layout mask checkpoint, a
@@ -21,11 +22,14 @@ from qaclims.classes import VOC_CLASSES
 from qaclims.cli import main
 from qaclims.eval_cams import evaluate_cams, metrics_dir
 from qaclims.make_cams import load_cam_file, make_cams
+from qaclims.pipeline import pseudo_mask_stages, segmenter_stage
 from qaclims.profiles import profile_dataset
 from qaclims.qape import BG_QUESTIONS, FG_QUESTIONS
 from qaclims.runs import read_json
+from qaclims.segment import load_segmenter
 from qaclims.settings import load_settings
 from qaclims.train_cam import load_cam_net, train_cam
+from qaclims.train_irn import load_label_map
 from qaclims.train_ritc import ritc_config, texts_digest, train_ritc
 from qaclims.vlm import OVSEG_CLIP_PREFIX, MaskPromptViT, TextFeatureCache, from_settings, mask_prompted_from
 
@@ -188,6 +192,7 @@ def test_voc_chain_on_the_fixture_tree(fixture_chain, capsys, monkeypatch):
     study = fixture_chain
     out = run_chain(capsys, study["settings_file"], study["sets"], STAGE0, RITC, eval_split="train",
                     clims_sets=("models.clip_mask_checkpoint=",))
+    study["out"] = out  # for the refinement test below
     check_chain(out, "train")
     settings = out["settings"]
     assert settings.study.profile == "voc" and out["answers"] == answers_dir(settings, "train_aug")
@@ -251,6 +256,48 @@ def test_voc_chain_on_the_fixture_tree(fixture_chain, capsys, monkeypatch):
     again = evaluate_cams(settings, out["cams"]["clims"], "train")  # scoring is cheap: it runs again, same numbers
     assert again["miou"] == out["metrics"]["clims"]["miou"]
     assert np.array_equal(again["per_class"], out["metrics"]["clims"]["per_class"], equal_nan=True)  # NaN: absent classes
+
+
+# stages 5-6 on VOC-sized images with small random networks: a ResNet-18 IRN, the paper's DeepLabV2-ResNet-101
+IRN = dict(arch="resnet18", output_stride=32, epochs=1, batch_size=2, crop_size=64, radius=5)
+SEGMENT = dict(iterations=1, batch_size=2, iter_size=1, crop_size=65, msc_scales=(), test_scales=(1.0,), checkpoint_every=1)
+
+
+def test_voc_refinement_on_the_fixture_tree(fixture_chain, capsys):
+    "IR labels, IRN and pseudo masks of train_aug from the QA-CLIMS network; pseudo masks scored on VOC train, the segmenter on val."
+    study = fixture_chain
+    out = study.get("out") or run_chain(capsys, study["settings_file"], study["sets"], STAGE0, RITC, eval_split="train",
+                                        clims_sets=("models.clip_mask_checkpoint=",))
+    settings = out["settings"]
+    cams = out["cams"]["qaclims"]  # of VOC train, as the papers score CAMs and pseudo masks
+    refined = pseudo_mask_stages(settings, out["qaclims"], cams, seed=0, progress=False, irn_overrides=IRN)
+    segmented = segmenter_stage(settings, refined["train_masks_dir"], seed=0, progress=False, segment_overrides=SEGMENT)
+    train_aug, train, val = (profile_dataset(settings, split) for split in ("train_aug", "train", "val"))
+    assert refined["pseudo_split"] == "train" and 0 <= refined["pseudo_miou"] <= 100
+    assert {p.stem for p in Path(refined["pseudo_masks_dir"]).glob("*.png")} == set(train.ids)
+    assert {p.stem for p in Path(refined["train_masks_dir"]).glob("*.png")} == set(train_aug.ids)
+    for folder, split in ((refined["ir_labels_dir"], "train_aug"), (refined["train_masks_dir"], "train_aug"),
+                          (refined["pseudo_masks_dir"], "train")):
+        assert read_json(Path(folder) / "manifest.json")["split"] == split
+    for sample in train_aug:  # VOC images keep their own sizes through every stage (the size is checked)
+        load_label_map(Path(refined["train_masks_dir"]) / f"{sample['id']}.png", sample["image"].shape[:2])
+    net, meta = load_segmenter(segmented["segmenter_checkpoint"])
+    assert net.name == "deeplabv2-resnet101" and net.num_classes == 21 and net.bn == "frozen"
+    assert meta["class_names"] == ["background"] + list(VOC_CLASSES)
+    metrics = read_json(segmented["seg_metrics_file"])
+    assert segmented["seg_split"] == "val" and metrics["images"] == len(val) and len(metrics["per_class"]) == 21
+    record = check_manifest(Path(segmented["segmenter_checkpoint"]).parent, "segment", None)
+    assert record["inputs"]["masks_dir"] == refined["train_masks_dir"] and record["images"] == len(train_aug)
+
+    # `qaclims segment` with the same options finds everything done and prints the same scores
+    options = [*out["options"], "--method", "qaclims", "--split", "train", "--checkpoint", out["qaclims"], "--no-progress",
+               *[a for k, v in IRN.items() for a in ("--irn-set", f"{k}={v}")],
+               *[a for k, v in SEGMENT.items() for a in ("--segment-set", f"{k}={v}")]]
+    lines = run_cli(capsys, "segment", *options)
+    assert f"qaclims seed 0: pseudo-mask mIoU {refined['pseudo_miou']:.2f} on train" in lines
+    assert f"qaclims seed 0: segmenter mIoU {segmented['seg_miou']:.2f} on val" in lines
+    assert lines[-1] == segmented["seg_metrics_file"]
+    assert sum("nothing to do" in line for line in lines) >= 5  # CAMs (2), IR labels, IRN, pseudo masks (2), segmenter
 
 
 def test_cli_errors_on_voc_name_the_missing_stage(fixture_chain, capsys, tmp_path):
