@@ -6,17 +6,18 @@
 __all__ = ['PIPELINE_METHODS', 'REFINEMENT_STAGES', 'method_stages', 'cam_network', 'run_cam_pipeline', 'pseudo_mask_stages',
            'segmenter_stage', 'run_refinement_pipeline']
 
-# %% ../nbs/45_pipeline.ipynb #28bbccb5
+# %% ../nbs/45_pipeline.ipynb #e8936a80
 import time
 from pathlib import Path
 
 from .eval_cams import cam_diagnostics, evaluate_cams, metrics_dir
 from .make_cams import make_cams
 from .profiles import TRAIN_SPLITS, check_profile
-from .segment import EVAL_SPLITS, require_crf
+from .refine import require_crf
+from .segment import EVAL_SPLITS
 from .train_cam import train_cam
 
-# %% ../nbs/45_pipeline.ipynb #00e38b43
+# %% ../nbs/45_pipeline.ipynb #959e621a
 PIPELINE_METHODS = ("cam", "clims", "qaclims")
 
 
@@ -28,7 +29,7 @@ def method_stages(method: str) -> tuple:
     ritc = ("train_ritc",) if method != "cam" else ()
     return head + ("train_cam",) + ritc + ("make_cams", "eval_cams")
 
-# %% ../nbs/45_pipeline.ipynb #f0a48951
+# %% ../nbs/45_pipeline.ipynb #1e75a496
 def _timed(seconds: dict, name: str, fn, *args, **kwargs):
     "Run fn(*args, **kwargs), adding its wall time in seconds to seconds[name]."
     started = time.perf_counter()
@@ -84,7 +85,7 @@ def run_cam_pipeline(settings, method: str = "qaclims", seed: int = 0, split: st
             "metrics_file": str(metrics_dir(settings, cams_dir) / "metrics.json"), "seconds": seconds,
             "diagnostics": diagnostics}
 
-# %% ../nbs/45_pipeline.ipynb #d6d2cc4f
+# %% ../nbs/45_pipeline.ipynb #068639f4
 REFINEMENT_STAGES = ("make_cams_train", "ir_labels", "train_irn", "pseudo_masks", "eval_pseudo_masks",
                      "pseudo_masks_train", "train_segmenter", "eval_segmenter")
 
@@ -118,7 +119,7 @@ def pseudo_mask_stages(settings, checkpoint, cams_dir, seed: int = 0, progress: 
             "train_masks_dir": str(train_masks), "train_cams_dir": str(train_cams), "ir_labels_dir": str(ir_labels),
             "irn_checkpoint": str(irn)}
 
-# %% ../nbs/45_pipeline.ipynb #8821d9df
+# %% ../nbs/45_pipeline.ipynb #736dbf05
 def segmenter_stage(settings, train_masks_dir, seed: int = 0, progress: bool = True,
                     segment_overrides: dict | None = None, images: int | None = None, crf: bool = False,
                     cam_checkpoint=None, seconds: dict | None = None) -> dict:
@@ -144,7 +145,7 @@ def segmenter_stage(settings, train_masks_dir, seed: int = 0, progress: bool = T
             "seg_split": metrics["split"], "segmenter_checkpoint": str(segmenter),
             "seg_metrics_file": metrics["metrics_file"]}
 
-# %% ../nbs/45_pipeline.ipynb #02b34293
+# %% ../nbs/45_pipeline.ipynb #1b69461a
 def run_refinement_pipeline(settings, method: str = "qaclims", seed: int = 0, split: str = "val", progress: bool = True,
                             cam_overrides: dict | None = None, ritc_overrides: dict | None = None,
                             irn_overrides: dict | None = None, segment_overrides: dict | None = None,

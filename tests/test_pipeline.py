@@ -15,8 +15,9 @@ from qaclims.make_cams import load_cam_file
 from qaclims.pipeline import REFINEMENT_STAGES, run_refinement_pipeline
 from qaclims.profiles import profile_dataset
 from qaclims.pseudo_masks import make_pseudo_masks
+from qaclims.refine import MissingDependencyError
 from qaclims.runs import read_json
-from qaclims.segment import MissingDependencyError, load_segmenter, masks_stage0_checkpoint, stage0_checkpoint
+from qaclims.segment import load_segmenter, masks_stage0_checkpoint, stage0_checkpoint
 from qaclims.settings import load_settings
 from qaclims.train_irn import make_ir_labels
 

@@ -22,9 +22,10 @@ from qaclims.camnet import CamNet
 from qaclims.evaluate import iou
 from qaclims.profiles import profile_dataset
 from qaclims.runs import read_json
-from qaclims.segment import (SEGMENTERS, MissingDependencyError, PseudoMaskDataset, build_segmenter, evaluate_segmenter,
-                             ground_truth_masks, load_segmenter, pixel_loss, predict_logits, require_crf, resize_labels,
-                             segment_config, segment_confusion, train_segmenter)
+from qaclims.refine import MissingDependencyError, crf_labels, require_crf
+from qaclims.segment import (SEGMENTERS, PseudoMaskDataset, build_segmenter, evaluate_segmenter, ground_truth_masks,
+                             load_segmenter, pixel_loss, predict_logits, resize_labels, segment_config, segment_confusion,
+                             train_segmenter)
 from qaclims.settings import load_settings
 from qaclims.train_cam import cam_checkpoint_path, save_cam_net
 from qaclims.weights import MissingWeightsError
@@ -209,6 +210,9 @@ def test_missing_crf_library_is_a_clear_error(trained, monkeypatch):
         evaluate_segmenter(settings, checkpoint, crf=True, limit=1, progress=False)
     with pytest.raises(ImportError, match="IR labels.*pip install pydensecrf2"):
         require_crf("IR labels")
+    image, labels = np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.int64)
+    with pytest.raises(MissingDependencyError, match="crf_labels.*pip install pydensecrf2"):
+        crf_labels(image, labels, 2)
     assert set(checkpoint.parent.iterdir()) == before  # nothing started
     assert evaluate_segmenter(settings, checkpoint, limit=1, progress=False)["images"] == 1  # without the CRF: fine
 
