@@ -8,11 +8,12 @@ STAMP  := $(VENV)/.qaclims-installed
 export MPLBACKEND := Agg
 export PYTHONHASHSEED := 0
 
-.PHONY: setup test test-slow bench lab export clean-nbs help
+.PHONY: setup test test-slow study bench lab export clean-nbs help
 
 help:
 	@echo "make setup   create $(VENV) and install qaclims with its dependencies (once)"
 	@echo "make test    check notebooks and package agree, run notebook tests and pytest"
+	@echo "make study   run every table and ablation of study.yaml (finished rows are skipped): results/, figures/"
 	@echo "make bench   print the benchmark table"
 	@echo "make lab     start JupyterLab on nbs/"
 
@@ -38,6 +39,12 @@ test: setup export
 test-slow: setup
 	OMP_NUM_THREADS=1 $(BIN)/nbdev-test --n-workers 2 --flags slow --cell-timeout 0
 	$(BIN)/python -m pytest tests/ -m slow
+
+# Two rows at a time, one torch thread each (the default scale is sized for this on 2 cores). STUDY_ARGS passes
+# options to `qaclims study`, e.g. make study STUDY_ARGS="--scale full" or STUDY_ARGS="--tables main fat"
+STUDY_JOBS ?= 2
+study: setup
+	$(BIN)/qaclims study --jobs $(STUDY_JOBS) $(STUDY_ARGS)
 
 bench: setup
 	$(BIN)/qaclims bench

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['SUBCOMMANDS', 'build_parser', 'main']
 
-# %% ../nbs/99_cli.ipynb #537491b3
+# %% ../nbs/99_cli.ipynb #1ce5cf54
 import argparse
 import ast
 import sys
@@ -13,7 +13,7 @@ import sys
 from . import __version__
 from .settings import load_settings, render_settings
 
-# %% ../nbs/99_cli.ipynb #c5d2d3a9
+# %% ../nbs/99_cli.ipynb #1dea3382
 def _add_settings_args(parser):
     pass
 
@@ -48,7 +48,7 @@ def _print_quality(rows, columns):
     import pandas as pd
     print(pd.DataFrame(rows)[list(columns)].round(3).to_string(index=False))
 
-# %% ../nbs/99_cli.ipynb #4c04708b
+# %% ../nbs/99_cli.ipynb #f94a1336
 def _add_small_model_args(parser):
     _add_seed_args(parser)
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
@@ -91,7 +91,7 @@ def _run_blip_tiny(args, settings) -> int:
     print(f"model: {folder} ({meta['weights_mb']} MB, trained in {meta['train_seconds'] / 60:.1f} min)")
     return 0
 
-# %% ../nbs/99_cli.ipynb #3eb4ac09
+# %% ../nbs/99_cli.ipynb #12f9a466
 def _add_train_cam_args(parser):
     _add_seed_args(parser)
     parser.add_argument("--epochs", type=int, default=None, help="epochs (default: the profile's config)")
@@ -293,12 +293,13 @@ def _run_segment(args, settings) -> int:
     print(result["seg_metrics_file"])
     return 0
 
-# %% ../nbs/99_cli.ipynb #75f4431f
+# %% ../nbs/99_cli.ipynb #854d21d8
 def _add_study_args(parser):
     parser.add_argument("--profile", choices=("synth", "voc", "coco"), default=None,
                         help="the world to run in (default: [study] profile of the settings)")
     parser.add_argument("--tables", nargs="+", metavar="TABLE", help="run only these tables (default: all of the profile's)")
-    parser.add_argument("--jobs", type=int, default=1, help="rows run side by side, one lane per seed (default 1)")
+    parser.add_argument("--jobs", type=int, default=1, help="rows run side by side, taken from one queue "
+                        "(rows sharing a stage-0 network wait for it; default 1)")
     parser.add_argument("--scale", default="default", help="a scale of the spec: default (make study) or full")
     parser.add_argument("--spec", metavar="PATH", default=None, help="the study spec (default: the nearest study.yaml)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
@@ -339,7 +340,7 @@ SUBCOMMANDS = {
               "report and figures", _add_study_args, _run_study),
 }
 
-# %% ../nbs/99_cli.ipynb #124372cd
+# %% ../nbs/99_cli.ipynb #789383f8
 def build_parser() -> argparse.ArgumentParser:
     "The `qaclims` argument parser with one sub-parser per entry of `SUBCOMMANDS`."
     common = argparse.ArgumentParser(add_help=False)
