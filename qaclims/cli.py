@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['SUBCOMMANDS', 'build_parser', 'main']
 
-# %% ../nbs/99_cli.ipynb #1ce5cf54
+# %% ../nbs/99_cli.ipynb #5cbe1ff7
 import argparse
 import ast
 import sys
@@ -13,7 +13,7 @@ import sys
 from . import __version__
 from .settings import load_settings, render_settings
 
-# %% ../nbs/99_cli.ipynb #1dea3382
+# %% ../nbs/99_cli.ipynb #96fff233
 def _add_settings_args(parser):
     pass
 
@@ -48,7 +48,7 @@ def _print_quality(rows, columns):
     import pandas as pd
     print(pd.DataFrame(rows)[list(columns)].round(3).to_string(index=False))
 
-# %% ../nbs/99_cli.ipynb #f94a1336
+# %% ../nbs/99_cli.ipynb #658b323b
 def _add_small_model_args(parser):
     _add_seed_args(parser)
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
@@ -91,16 +91,19 @@ def _run_blip_tiny(args, settings) -> int:
     print(f"model: {folder} ({meta['weights_mb']} MB, trained in {meta['train_seconds'] / 60:.1f} min)")
     return 0
 
-# %% ../nbs/99_cli.ipynb #12f9a466
+# %% ../nbs/99_cli.ipynb #1e82289c
 def _add_train_cam_args(parser):
     _add_seed_args(parser)
     parser.add_argument("--epochs", type=int, default=None, help="epochs (default: the profile's config)")
+    parser.add_argument("--cam-set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="set a CamTrainConfig field of stage 0, e.g. --cam-set amp=bf16; repeatable")
 
 
 def _run_train_cam(args, settings) -> int:
     "Stage 0: train the baseline CAM network and print its checkpoint."
     from qaclims.train_cam import train_cam
-    overrides = {} if args.epochs is None else {"epochs": args.epochs}
+    overrides = _config_overrides(args.cam_set, "--cam-set")
+    overrides |= {} if args.epochs is None else {"epochs": args.epochs}
     print(train_cam(settings, seed=args.seed, progress=args.progress, **overrides))
     return 0
 
@@ -110,13 +113,16 @@ def _add_train_ritc_args(parser):
     parser.add_argument("--method", choices=("qaclims", "clims"), default="qaclims",
                         help="qaclims (RITC with the QAPE texts) or clims (its fixed texts and losses); default qaclims")
     parser.add_argument("--epochs", type=int, default=None, help="epochs (default: the profile's config)")
+    parser.add_argument("--ritc-set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="set a RitcConfig field of stage 2, e.g. --ritc-set label_weight=0.0; repeatable")
 
 
 def _run_train_ritc(args, settings) -> int:
     "Stage 2: RITC (or CLIMS) training from the baseline of --seed; prints the final checkpoint."
     from qaclims.dist import distributed
     from qaclims.train_ritc import train_ritc
-    overrides = {} if args.epochs is None else {"epochs": args.epochs}
+    overrides = _config_overrides(args.ritc_set, "--ritc-set")
+    overrides |= {} if args.epochs is None else {"epochs": args.epochs}
     path = train_ritc(settings, seed=args.seed, method=args.method, progress=args.progress, **overrides)
     if distributed(settings.study.device).main:
         print(path)
@@ -198,6 +204,10 @@ def _add_chain_args(parser):
                         help="cam (the baseline), clims or qaclims (default)")
     parser.add_argument("--split", default="val",
                         help="split to make and score CAMs (and pseudo masks) on (default val; on VOC the papers use train)")
+    parser.add_argument("--cam-set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="set a CamTrainConfig field of stage 0, e.g. --cam-set amp=bf16; repeatable")
+    parser.add_argument("--ritc-set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="set a RitcConfig field of stage 2, e.g. --ritc-set label_weight=0.0; repeatable")
 
 
 def _add_refine_args(parser):
@@ -241,10 +251,15 @@ def _config_overrides(pairs: list, option: str) -> dict:
 def _run_chain(args, settings, refine: bool, segmenter: bool) -> dict:
     "The pipeline as the options say: stages 0-4, then (refine) stage 5, then (segmenter) stage 6."
     from qaclims.pipeline import run_cam_pipeline, run_refinement_pipeline
+    stages = {"cam_overrides": _config_overrides(args.cam_set, "--cam-set"),
+              "ritc_overrides": _config_overrides(args.ritc_set, "--ritc-set") if args.method != "cam" else None}
+    if args.method == "cam" and args.ritc_set:
+        raise ValueError("--ritc-set configures stage 2, which --method cam does not run")
     if not refine:
         return run_cam_pipeline(settings, args.method, seed=args.seed, split=args.split, progress=args.progress,
-                                checkpoint=args.checkpoint)
+                                checkpoint=args.checkpoint, **stages)
     return run_refinement_pipeline(settings, args.method, seed=args.seed, split=args.split, progress=args.progress,
+                                   **stages,
                                    irn_overrides=_config_overrides(args.irn_set, "--irn-set"),
                                    segment_overrides=_config_overrides(getattr(args, "segment_set", []), "--segment-set"),
                                    images=args.images, checkpoint=args.checkpoint, crf=getattr(args, "crf", False),
@@ -293,7 +308,7 @@ def _run_segment(args, settings) -> int:
     print(result["seg_metrics_file"])
     return 0
 
-# %% ../nbs/99_cli.ipynb #854d21d8
+# %% ../nbs/99_cli.ipynb #e0b847cd
 def _add_study_args(parser):
     parser.add_argument("--profile", choices=("synth", "voc", "coco"), default=None,
                         help="the world to run in (default: [study] profile of the settings)")
@@ -340,7 +355,7 @@ SUBCOMMANDS = {
               "report and figures", _add_study_args, _run_study),
 }
 
-# %% ../nbs/99_cli.ipynb #789383f8
+# %% ../nbs/99_cli.ipynb #ec511a60
 def build_parser() -> argparse.ArgumentParser:
     "The `qaclims` argument parser with one sub-parser per entry of `SUBCOMMANDS`."
     common = argparse.ArgumentParser(add_help=False)
