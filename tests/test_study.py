@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "nbs" / "experiments"
 
 # One row of every experiment notebook, each turning its own knob, at smoke size (the notebooks' default scale is
-# 'smoke'; the spec's scale only has to name one). Half the rows run at seed 0 and half at seed 1; --jobs 2 runs
-# two at a time.
+# 'smoke'; the spec's scale only has to name one). Five rows run at seed 0 and four at seed 1; --jobs 2 runs two at
+# a time.
 SMOKE_SPEC = """
 notebooks: {notebooks}
 seeds: [0, 1]
@@ -40,6 +40,8 @@ tables:
   temperature: {{notebook: temperature.ipynb, rows: {{tau-0.35: {{tau: 0.35, seeds: [1]}}}}}}
   vqa_quality: {{notebook: vqa_quality.ipynb, rows: {{oracle-0.3: {{error_rate: 0.3, seeds: [0]}}}}}}
   context: {{notebook: context.ipynb, rows: {{clims-p0.5: {{method: clims, p_context: 0.5, seeds: [1]}}}}}}
+  recipe: {{notebook: recipe.ipynb, rows: {{max-norm: {{label_weight: 0.0, losses: [frc, brc], cam_activation: max_norm,
+                                                        seeds: [0]}}}}}}
 """
 
 
@@ -70,18 +72,18 @@ def _smoke_study(folder, tables=None):
 
 @pytest.fixture(scope="module")
 def smoke_study(tmp_path_factory):
-    "One row of every experiment notebook at smoke size (four at seed 0, four at seed 1), run with --jobs 2."
+    "One row of every experiment notebook at smoke size (five at seed 0, four at seed 1), run with --jobs 2."
     return _smoke_study(tmp_path_factory.mktemp("smoke"))
 
 
 def test_every_experiment_notebook_runs_under_papermill(smoke_study):
     "One row of every experiment notebook, each turning its own knob."
     first, results = smoke_study["first"], smoke_study["results"]
-    assert first["problems"] == [] and first["ran"] == 8
+    assert first["problems"] == [] and first["ran"] == 9
     assert set(smoke_study["spec"]["tables"]) == {p.stem for p in EXPERIMENTS.glob("*.ipynb")}, \
         "every experiment notebook has a smoke row"
     rows = pd.read_csv(results / "rows.csv")
-    assert (rows["state"] == "done").all() and len(rows) == 8
+    assert (rows["state"] == "done").all() and len(rows) == 9
     for _, row in rows.iterrows():
         metrics = json.loads((results / row["metrics"]).read_text())
         assert metrics["table"] == row["table"] and metrics["seed"] == row["seed"] and metrics["split"] == "val"
@@ -98,6 +100,8 @@ def test_every_experiment_notebook_runs_under_papermill(smoke_study):
     assert knobs["context"]["settings"]["synth"]["p_context"] == 0.5 and knobs["context"]["method"] == "clims"
     assert knobs["vqa_quality"]["settings"]["models"]["synth_vqa_error_rate"] == 0.3
     assert knobs["questions"]["ritc_overrides"] == {"groups": ["surroundings", "scene"]}
+    assert knobs["recipe"]["ritc_overrides"] == {"label_weight": 0.0, "losses": ["frc", "brc"],
+                                                 "cam_activation": "max_norm"}
     assert knobs["main"]["method"] == "cam" and knobs["main"]["refinement"].startswith("not asked")
     for table in smoke_study["spec"]["tables"]:
         assert (results / f"{table}.csv").is_file() and (results / f"{table}.md").is_file()
@@ -125,7 +129,7 @@ def test_smoke_study_figures(smoke_study):
 
 def test_rerun_does_nothing(smoke_study):
     second = smoke_study["second"]
-    assert second["ran"] == 0 and second["skipped"] == 8 and second["problems"] == []
+    assert second["ran"] == 0 and second["skipped"] == 9 and second["problems"] == []
     assert any("nothing to do" in line for line in smoke_study["second_log"])
 
 

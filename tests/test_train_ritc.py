@@ -22,7 +22,7 @@ from qaclims.runs import read_json
 from qaclims.settings import load_settings
 from qaclims.synth_clip import build_synth_clip, synth_clip_tokenizer
 from qaclims.train_cam import load_cam_net, save_cam_net
-from qaclims.train_ritc import (ClimsTexts, PairTextTable, SigmoidCams, clims_background_prompts, encode_views,
+from qaclims.train_ritc import (ClimsTexts, PairTextTable, TrainingCams, clims_background_prompts, encode_views,
                                 oracle_pair_texts, positive_pairs, region_views, ritc_config, ritc_step, texts_digest,
                                 train_ritc)
 from qaclims.transforms import normalize_image
@@ -71,10 +71,10 @@ def batch():
 def test_batched_step_equals_a_loop_over_pairs(batch):
     b = batch
     table = PairTextTable(b["texts"], b["cache"], b["dataset"].class_names)
-    terms = ritc_step(SigmoidCams(b["net"]), b["clip"], b["images"], b["labels"], b["ids"], table, b["config"])
+    terms = ritc_step(TrainingCams(b["net"]), b["clip"], b["images"], b["labels"], b["ids"], table, b["config"])
     assert terms["pairs"] >= 4
     with torch.no_grad():
-        cams = SigmoidCams(b["net"])(b["images"])
+        cams = TrainingCams(b["net"])(b["images"])
         frc = brc = 0.0
         for n, k in zip(*positive_pairs(b["labels"])):  # one pair at a time: one CLIP call per image
             views = region_views(cams, b["images"], n[None], k[None], 48)
@@ -97,16 +97,16 @@ def test_pair_without_background_answers_counts_zero(batch):
     texts = dict(b["texts"])
     texts[lonely] = texts[lonely]._replace(bg=[])
     assert texts[lonely].skipped
-    full = ritc_step(SigmoidCams(b["net"]), b["clip"], b["images"], b["labels"], b["ids"],
+    full = ritc_step(TrainingCams(b["net"]), b["clip"], b["images"], b["labels"], b["ids"],
                      PairTextTable(b["texts"], b["cache"], names), b["config"])
-    cut = ritc_step(SigmoidCams(b["net"]), b["clip"], b["images"], b["labels"], b["ids"],
+    cut = ritc_step(TrainingCams(b["net"]), b["clip"], b["images"], b["labels"], b["ids"],
                     PairTextTable(texts, b["cache"], names), b["config"])
     assert cut["skipped"] == 1 and full["skipped"] == 0
     # the skipped pair's own loss is 0: the other pairs' sum stays; check it against the per-pair losses
     table = PairTextTable(texts, b["cache"], names)
     t_fg, t_bg, valid = table.lookup([b["ids"][i] for i in n.tolist()], k.tolist())
     with torch.no_grad():
-        f, _ = encode_views(b["clip"], region_views(SigmoidCams(b["net"])(b["images"]), b["images"], n, k, 48))
+        f, _ = encode_views(b["clip"], region_views(TrainingCams(b["net"])(b["images"]), b["images"], n, k, 48))
     per_pair = frc_loss(f, t_fg, t_bg, valid)
     assert not valid[0].any() and float(per_pair[0]) == 0.0 and (per_pair[1:] > 0).all()
     assert cut["frc"].item() == pytest.approx(per_pair.sum().item(), rel=1e-5)
@@ -123,17 +123,17 @@ def test_clims_shares_everything_but_losses_and_texts(batch):
     grads = {}
     for method, texts in (("qaclims", qa), ("clims", clims)):
         config = replace(b["config"], method=method, losses=("reg",))  # only the shared term counts
-        terms = ritc_step(SigmoidCams(b["net"]), b["clip"], b["images"], b["labels"], b["ids"], texts, config)
+        terms = ritc_step(TrainingCams(b["net"]), b["clip"], b["images"], b["labels"], b["ids"], texts, config)
         terms["total"].backward()
         grads[method] = [p.grad.clone() for p in b["net"].parameters() if p.grad is not None]
         b["net"].zero_grad(set_to_none=True)
         assert terms["pairs"] == len(positive_pairs(b["labels"])[0])
     assert all(torch.equal(x, y) for x, y in zip(grads["qaclims"], grads["clims"]))
-    full = ritc_step(SigmoidCams(b["net"]), b["clip"], b["images"], b["labels"], b["ids"], clims,
+    full = ritc_step(TrainingCams(b["net"]), b["clip"], b["images"], b["labels"], b["ids"], clims,
                      replace(b["config"], method="clims"))
     assert set(full) >= {"otm", "btm", "cbs", "reg", "total"} and full["total"].requires_grad
     with pytest.raises(TypeError, match="ClimsTexts"):
-        ritc_step(SigmoidCams(b["net"]), b["clip"], b["images"], b["labels"], b["ids"], qa,
+        ritc_step(TrainingCams(b["net"]), b["clip"], b["images"], b["labels"], b["ids"], qa,
                   replace(b["config"], method="clims"))
 
 
