@@ -30,8 +30,8 @@ from .dist import DistContext, barrier, distributed, epoch_batches, process_devi
 from .fat import fat_masks
 from .losses import (RITC_LOSS_WEIGHTS, area_loss, bg_suppression_loss, brc_loss, frc_loss, mix_fg_text,
                             sim_max_loss, sim_min_loss)
-from .profiles import TRAIN_SPLITS, data_key, profile_dataset
 from .make_cams import normalise_cams
+from .profiles import TRAIN_SPLITS, data_key, profile_dataset
 from .qape import BG_GROUPS, FG_GROUPS, FG_QUESTIONS, PairPrompts, pair_prompts, questions_for, to_prompt
 from .runs import Checkpointer, digest, file_digest, manifest, seed_everything, stage_dir, write_json
 from .synth import GENERIC_CONTEXT_WORDS

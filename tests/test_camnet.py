@@ -1,6 +1,5 @@
 """qaclims.camnet: the CAM network, its BN modes and parameter groups, ImageNet weights and the reference checkpoint layout."""
 import time
-from pathlib import Path
 
 import pytest
 import torch

@@ -1,6 +1,5 @@
 """qaclims.vlm loaders: open_clip CLIP by name and weights, the OV-Seg mask checkpoint, masked and text encoders, offline errors."""
 import time
-from pathlib import Path
 
 import open_clip
 import pytest

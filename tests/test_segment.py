@@ -4,7 +4,6 @@ CRF library), torchrun with 2 CPU processes, and bad input."""
 import csv
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -29,6 +28,7 @@ from qaclims.segment import (SEGMENTERS, PseudoMaskDataset, build_segmenter, eva
 from qaclims.settings import load_settings
 from qaclims.train_cam import cam_checkpoint_path, save_cam_net
 from qaclims.weights import MissingWeightsError
+from killing import kill_at_step, last_step, one_thread, pausing_script, same_weights
 
 # 6 training images of 48 pixels: 3 batches of 2 per epoch, so with 2 batches per update updates 2 and 4 straddle
 # epochs; 4 updates in all, with multi-scale supervision at 0.5; random trunks (the synth recipe starts from stage 0)
@@ -37,21 +37,12 @@ TINY_CONFIG = dict(iterations=4, batch_size=2, iter_size=2, crop_size=48, msc_sc
                    init="none")
 SHORT = dict(iterations=3, batch_size=2, crop_size=48, init="none")  # the shared finished run
 
-RUN = textwrap.dedent("""
-    import sys, time, torch
-    torch.set_num_threads(1)
-    from qaclims import segment as stage
+# train_segmenter on the tiny config, in a process that the test can kill mid-run: RUN RUN_DIR MASKS_DIR
+RUN = pausing_script("""
+    from qaclims.segment import train_segmenter
     from qaclims.settings import load_settings
-    run_dir, masks, pause = sys.argv[1], sys.argv[2], float(sys.argv[3])
-    save = stage.Checkpointer.save
-    def slow_save(self, step, **state):
-        path = save(self, step, **state)
-        print(step, flush=True)
-        time.sleep(pause)
-        return path
-    stage.Checkpointer.save = slow_save
-    settings = load_settings(overrides={"data.run_dir": run_dir, **%r})
-    print(f"final {stage.train_segmenter(settings, masks, seed=3, progress=False, **%r)}", flush=True)
+    settings = load_settings(overrides={"data.run_dir": ARGS[0], **%r})
+    print(f"final {train_segmenter(settings, ARGS[1], seed=3, progress=False, **%r)}", flush=True)
 """ % (TINY_SETTINGS, TINY_CONFIG))
 
 
@@ -109,36 +100,16 @@ def test_imagenet_weights_load_into_deeplabv2():
     assert torch.equal(net.resnet.layer3[5].conv2.weight, reference["layer3.5.conv2.weight"])
 
 
-def _one_thread(fn, *args, **kwargs):
-    "fn(*args, **kwargs) with one torch thread, as in the killed subprocess, so that weights compare bit for bit."
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        torch.set_num_threads(threads)
-
-
 def test_killed_training_resumes_to_the_same_weights(tmp_path):
     masks = ground_truth_masks(tiny_settings(tmp_path / "masks"), "train")
-    straight = _one_thread(train_segmenter, tiny_settings(tmp_path / "straight"), masks, seed=3, progress=False,
-                           **TINY_CONFIG)
-    process = subprocess.Popen([sys.executable, "-c", RUN, str(tmp_path / "killed"), str(masks), "0.3"],
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    for line in process.stdout:  # update 2 ends in the middle of the second epoch
-        if line.strip().isdigit() and int(line) >= 2:
-            os.kill(process.pid, signal.SIGKILL)
-            break
-    process.wait()
-    assert process.returncode == -signal.SIGKILL
-    folder = next((tmp_path / "killed" / "segment").iterdir())
-    assert not (folder / "done.json").exists() and not (folder / "final.pt").exists()
-    assert 2 <= torch.load(folder / "last.pt", weights_only=False)["step"] < 4
-    resumed = _one_thread(train_segmenter, tiny_settings(tmp_path / "killed"), masks, seed=3, progress=False,
-                          **TINY_CONFIG)  # here, from the dead process's checkpoint
+    straight = one_thread(train_segmenter, tiny_settings(tmp_path / "straight"), masks, seed=3, progress=False,
+                          **TINY_CONFIG)
+    kill_at_step(RUN, tmp_path / "killed", masks, step=2)  # update 2 ends in the middle of the second epoch
+    assert 2 <= last_step(next((tmp_path / "killed" / "segment").iterdir())) < 4
+    resumed = one_thread(train_segmenter, tiny_settings(tmp_path / "killed"), masks, seed=3, progress=False,
+                         **TINY_CONFIG)  # here, from the dead process's checkpoint
     assert resumed.parent.name == straight.parent.name  # same content key
-    a, b = torch.load(straight, weights_only=True)["model"], torch.load(resumed, weights_only=True)["model"]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert same_weights(straight, resumed)
     record = read_json(resumed.parent / "manifest.json")
     assert record["seed"] == 3 and record["steps"] == 4 and record["config"]["iter_size"] == 2
 

@@ -2,40 +2,29 @@
 the content-keyed cache, torchrun with 2 CPU processes, and bad input."""
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
 from qaclims.runs import read_json
 from qaclims.settings import load_settings
 from qaclims.dist import DistContext, epoch_batches
 from qaclims.train_cam import cam_train_config, load_cam_net, train_cam
+from killing import kill_at_step, last_step, one_thread, pausing_script, run_to_end, same_weights
 
 TINY_SETTINGS = {"synth.image_size": 48, "synth.train_size": 16, "synth.val_size": 8, "study.num_workers": 0}
 # 4 steps per epoch, 12 in all; output stride 32 keeps the steps cheap (the loop does not depend on it)
 TINY_CONFIG = dict(epochs=3, batch_size=4, checkpoint_every=1, output_stride=32)
 
-# Runs train_cam on the tiny config; every checkpoint prints its step and pauses, so that the test can kill it mid-run.
-RUN = textwrap.dedent("""
-    import sys, time, torch
-    torch.set_num_threads(1)
-    from qaclims import train_cam as stage
+# train_cam on the tiny config, in a process that the test can kill mid-run: RUN RUN_DIR
+RUN = pausing_script("""
     from qaclims.settings import load_settings
-    run_dir, pause = sys.argv[1], float(sys.argv[2])
-    save = stage.Checkpointer.save
-    def slow_save(self, step, **state):
-        path = save(self, step, **state)
-        print(step, flush=True)
-        time.sleep(pause)
-        return path
-    stage.Checkpointer.save = slow_save
-    settings = load_settings(overrides={"data.run_dir": run_dir, **%r})
-    print(f"final {stage.train_cam(settings, seed=3, progress=False, **%r)}", flush=True)
+    from qaclims.train_cam import train_cam
+    settings = load_settings(overrides={"data.run_dir": ARGS[0], **%r})
+    print(f"final {train_cam(settings, seed=3, progress=False, **%r)}", flush=True)
 """ % (TINY_SETTINGS, TINY_CONFIG))
 
 
@@ -43,34 +32,13 @@ def tiny_settings(run_dir):
     return load_settings(overrides={"data.run_dir": str(run_dir), **TINY_SETTINGS})
 
 
-def run_training(run_dir, pause=0.0):
-    done = subprocess.run([sys.executable, "-c", RUN, str(run_dir), str(pause)], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return Path(done.stdout.strip().splitlines()[-1].split(" ", 1)[1])
-
-
 def test_killed_training_resumes_to_the_same_weights(tmp_path):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the subprocess, so that the weights are bit for bit comparable
-    try:
-        straight = train_cam(tiny_settings(tmp_path / "straight"), seed=3, progress=False, **TINY_CONFIG)
-    finally:
-        torch.set_num_threads(threads)
-    process = subprocess.Popen([sys.executable, "-c", RUN, str(tmp_path / "killed"), "0.3"], stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, text=True)
-    for line in process.stdout:  # step 6 is in the middle of the second epoch
-        if line.strip().isdigit() and int(line) >= 6:
-            os.kill(process.pid, signal.SIGKILL)
-            break
-    process.wait()
-    assert process.returncode == -signal.SIGKILL
-    folder = next((tmp_path / "killed" / "cam").iterdir())
-    assert not (folder / "done.json").exists() and not (folder / "final.pt").exists()
-    assert 6 <= torch.load(folder / "last.pt", weights_only=False)["step"] < 12
-    resumed = run_training(tmp_path / "killed")
+    straight = one_thread(train_cam, tiny_settings(tmp_path / "straight"), seed=3, progress=False, **TINY_CONFIG)
+    kill_at_step(RUN, tmp_path / "killed", step=6)  # step 6 is in the middle of the second epoch
+    assert 6 <= last_step(next((tmp_path / "killed" / "cam").iterdir())) < 12
+    resumed = run_to_end(RUN, tmp_path / "killed")
     assert resumed.parent.name == straight.parent.name  # same content key
-    a, b = torch.load(straight, weights_only=True)["model"], torch.load(resumed, weights_only=True)["model"]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert same_weights(straight, resumed)
     assert not (resumed.parent / "last.pt").exists()
     record = read_json(resumed.parent / "manifest.json")
     assert record["seed"] == 3 and record["steps"] == 12 and set(record["val"]) >= {"mAP", "label_accuracy"}

@@ -2,7 +2,6 @@
 to the same weights, the content-keyed cache, torchrun with 2 CPU processes, and bad input."""
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -22,6 +21,7 @@ from qaclims.train_cam import save_cam_net
 from qaclims.train_irn import (IrLabelSet, IrnTrainView, irn_key, irn_train_config, load_irn_net, load_label_map,
                                make_ir_labels, save_irn_net, train_irn)
 from qaclims.irn import Irn
+from killing import kill_at_step, last_step, one_thread, pausing_script, run_to_end, same_weights
 
 TINY_SETTINGS = {"synth.image_size": 48, "synth.train_size": 16, "synth.val_size": 8, "study.num_workers": 0}
 # 4 steps per epoch, 12 in all, on 48-pixel crops (12 x 12 at stride 4) with radius 3; output stride 32 (as the CAM
@@ -40,22 +40,12 @@ def tiny(tmp_path_factory):
     return settings, checkpoint, cams_dir, make_ir_labels(settings, cams_dir, progress=False)
 
 
-# Runs train_irn on the tiny config; every checkpoint prints its step and pauses, so that the test can kill it mid-run.
-RUN = textwrap.dedent("""
-    import sys, time, torch
-    torch.set_num_threads(1)
-    from qaclims import train_irn as stage
+# train_irn on the tiny config, in a process that the test can kill mid-run: RUN RUN_DIR IR_LABELS_DIR
+RUN = pausing_script("""
     from qaclims.settings import load_settings
-    run_dir, ir_dir, pause = sys.argv[1], sys.argv[2], float(sys.argv[3])
-    save = stage.Checkpointer.save
-    def slow_save(self, step, **state):
-        path = save(self, step, **state)
-        print(step, flush=True)
-        time.sleep(pause)
-        return path
-    stage.Checkpointer.save = slow_save
-    settings = load_settings(overrides={"data.run_dir": run_dir, **%r})
-    print(f"final {stage.train_irn(settings, ir_dir, seed=3, progress=False, **%r)}", flush=True)
+    from qaclims.train_irn import train_irn
+    settings = load_settings(overrides={"data.run_dir": ARGS[0], **%r})
+    print(f"final {train_irn(settings, ARGS[1], seed=3, progress=False, **%r)}", flush=True)
 """ % (TINY_SETTINGS, TINY_CONFIG))
 
 
@@ -88,31 +78,13 @@ def test_training_view_matches_the_reference_augmentation(tiny):
 
 def test_killed_training_resumes_to_the_same_weights(tiny, tmp_path):
     settings, _, _, ir_dir = tiny
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the subprocess, so that the weights are bit for bit comparable
-    try:
-        straight = train_irn(settings.with_overrides({"data.run_dir": str(tmp_path / "straight")}), ir_dir, seed=3,
-                             progress=False, **TINY_CONFIG)
-    finally:
-        torch.set_num_threads(threads)
-    process = subprocess.Popen([sys.executable, "-c", RUN, str(tmp_path / "killed"), str(ir_dir), "0.3"],
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    for line in process.stdout:  # step 6 is in the middle of the second epoch
-        if line.strip().isdigit() and int(line) >= 6:
-            os.kill(process.pid, signal.SIGKILL)
-            break
-    process.wait()
-    assert process.returncode == -signal.SIGKILL
-    folder = next((tmp_path / "killed" / "irn").iterdir())
-    assert not (folder / "done.json").exists() and not (folder / "final.pt").exists()
-    assert 6 <= torch.load(folder / "last.pt", weights_only=False)["step"] < 12
-    done = subprocess.run([sys.executable, "-c", RUN, str(tmp_path / "killed"), str(ir_dir), "0"], capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    resumed = Path(done.stdout.strip().splitlines()[-1].split(" ", 1)[1])
+    straight = one_thread(train_irn, settings.with_overrides({"data.run_dir": str(tmp_path / "straight")}), ir_dir,
+                          seed=3, progress=False, **TINY_CONFIG)
+    kill_at_step(RUN, tmp_path / "killed", ir_dir, step=6)  # step 6 is in the middle of the second epoch
+    assert 6 <= last_step(next((tmp_path / "killed" / "irn").iterdir())) < 12
+    resumed = run_to_end(RUN, tmp_path / "killed", ir_dir)
     assert resumed.parent.name == straight.parent.name  # same content key
-    a, b = torch.load(straight, weights_only=True)["model"], torch.load(resumed, weights_only=True)["model"]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert same_weights(straight, resumed)
     assert not (resumed.parent / "last.pt").exists()
     record = read_json(resumed.parent / "manifest.json")
     assert record["seed"] == 3 and record["steps"] == 12 and set(record["final_loss"]) >= {"loss", "neg", "dp_fg"}

@@ -3,7 +3,6 @@ losses and texts, pairs without background answers, a SIGKILLed run resumed to t
 with 2 CPU processes, and a missing stage-0 checkpoint."""
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -27,6 +26,7 @@ from qaclims.train_ritc import (ClimsTexts, PairTextTable, TrainingCams, clims_b
                                 train_ritc)
 from qaclims.transforms import normalize_image
 from qaclims.vlm import TextFeatureCache
+from killing import kill_at_step, last_step, pausing_script, run_to_end, same_weights
 
 TINY_SETTINGS = {"synth.image_size": 48, "synth.train_size": 16, "synth.val_size": 8, "study.num_workers": 0}
 # 48-pixel crops, the tiny CLIP's input size; 16 images in batches of 4: 4 steps per epoch, 12 in all
@@ -88,6 +88,24 @@ def test_batched_step_equals_a_loop_over_pairs(batch):
     assert terms["brc"].item() == pytest.approx(brc, rel=1e-5)
     assert terms["total"].item() == pytest.approx(10 * frc + 8 * brc + 0.2 * float(cams.mean()), rel=1e-5)
 
+
+
+def test_max_normalised_training_cams_reach_the_network(batch):
+    "cam_activation='max_norm': the losses see ReLU CAMs divided by their peaks, and their gradient reaches the net."
+    b = batch
+    table = PairTextTable(b["texts"], b["cache"], b["dataset"].class_names)
+    config = replace(b["config"], cam_activation="max_norm")
+    cam_model = TrainingCams(b["net"], config.cam_activation)
+    terms = ritc_step(cam_model, b["clip"], b["images"], b["labels"], b["ids"], table, config)
+    with torch.no_grad():
+        cams = cam_model(b["images"])
+    assert torch.allclose(cams.amax(dim=(2, 3)), torch.ones(cams.shape[:2]), atol=1e-3)
+    reference = ritc_step(TrainingCams(b["net"]), b["clip"], b["images"], b["labels"], b["ids"], table, b["config"])
+    assert torch.isfinite(terms["total"]) and terms["frc"].item() != pytest.approx(reference["frc"].item())
+    b["net"].zero_grad()
+    terms["total"].backward()
+    assert float(b["net"].classifier.weight.grad.abs().sum()) > 0
+    b["net"].zero_grad()
 
 def test_pair_without_background_answers_counts_zero(batch):
     b = batch
@@ -163,57 +181,28 @@ def test_bad_input(tmp_path):
                       TextFeatureCache(model, tokenizer), profile_dataset(settings, "train").class_names).lookup(["y"], [0])
 
 
-# Runs train_ritc on the tiny config; every checkpoint prints its step and pauses, so that the test can kill it mid-run.
-RUN = textwrap.dedent("""
-    import sys, time, torch
-    torch.set_num_threads(1)
-    from qaclims import train_ritc as stage
+# train_ritc on the tiny config, in a process that the test can kill mid-run: RUN RUN_DIR STAGE0_CHECKPOINT METHOD
+RUN = pausing_script("""
     from qaclims.settings import load_settings
     from qaclims.synth_clip import build_synth_clip, synth_clip_tokenizer
-    run_dir, start, pause, method = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
-    save = stage.Checkpointer.save
-    def slow_save(self, step, **state):
-        path = save(self, step, **state)
-        print(step, flush=True)
-        time.sleep(pause)
-        return path
-    stage.Checkpointer.save = slow_save
+    from qaclims.train_ritc import train_ritc
     torch.manual_seed(0)
     model = build_synth_clip("synth-vit-tiny", 48).eval().requires_grad_(False)
-    settings = load_settings(overrides={"data.run_dir": run_dir, **%r})
-    path = stage.train_ritc(settings, seed=3, method=method, progress=False, clip=(model, synth_clip_tokenizer(model)),
-                            cam_checkpoint=start, **%r)
+    settings = load_settings(overrides={"data.run_dir": ARGS[0], **%r})
+    path = train_ritc(settings, seed=3, method=ARGS[2], progress=False, clip=(model, synth_clip_tokenizer(model)),
+                      cam_checkpoint=ARGS[1], **%r)
     print(f"final {path}", flush=True)
 """ % (TINY_SETTINGS, TINY_CONFIG))
 
 
-def run_training(run_dir, start, pause=0.0, method="qaclims"):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-c", RUN, str(run_dir), str(start), str(pause), method], capture_output=True,
-                          text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return Path(done.stdout.strip().splitlines()[-1].split(" ", 1)[1])
-
-
 def test_killed_training_resumes_to_the_same_weights(tmp_path):
     start = stage0_file(tmp_path / "stage0.pt")
-    straight = run_training(tmp_path / "straight", start)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    process = subprocess.Popen([sys.executable, "-c", RUN, str(tmp_path / "killed"), str(start), "0.3", "qaclims"],
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-    for line in process.stdout:  # step 6 is in the middle of the second epoch
-        if line.strip().isdigit() and int(line) >= 6:
-            os.kill(process.pid, signal.SIGKILL)
-            break
-    process.wait()
-    assert process.returncode == -signal.SIGKILL
-    folder = next((tmp_path / "killed" / "ritc").iterdir())
-    assert not (folder / "done.json").exists() and not (folder / "final.pt").exists()
-    assert 6 <= torch.load(folder / "last.pt", weights_only=False)["step"] < 12
-    resumed = run_training(tmp_path / "killed", start)
+    straight = run_to_end(RUN, tmp_path / "straight", start, "qaclims")
+    kill_at_step(RUN, tmp_path / "killed", start, "qaclims", step=6)  # step 6 is in the middle of the second epoch
+    assert 6 <= last_step(next((tmp_path / "killed" / "ritc").iterdir())) < 12
+    resumed = run_to_end(RUN, tmp_path / "killed", start, "qaclims")
     assert resumed.parent.name == straight.parent.name  # same content key
-    a, b = torch.load(straight, weights_only=True)["model"], torch.load(resumed, weights_only=True)["model"]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert same_weights(straight, resumed)
     assert read_json(straight.parent / "losses.json") == read_json(resumed.parent / "losses.json")
     assert not (resumed.parent / "last.pt").exists()
     record = read_json(resumed.parent / "manifest.json")
