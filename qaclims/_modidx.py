@@ -397,6 +397,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'qaclims.rows.ensure_kernel': ('rows.html#ensure_kernel', 'qaclims/rows.py'),
                               'qaclims.rows.error_summary': ('rows.html#error_summary', 'qaclims/rows.py'),
                               'qaclims.rows.kernel_start_failed': ('rows.html#kernel_start_failed', 'qaclims/rows.py'),
+                              'qaclims.rows.make_portable': ('rows.html#make_portable', 'qaclims/rows.py'),
                               'qaclims.rows.read_metrics': ('rows.html#read_metrics', 'qaclims/rows.py'),
                               'qaclims.rows.relative_path': ('rows.html#relative_path', 'qaclims/rows.py'),
                               'qaclims.rows.row_env': ('rows.html#row_env', 'qaclims/rows.py'),

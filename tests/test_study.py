@@ -92,6 +92,8 @@ def test_every_experiment_notebook_runs_under_papermill(smoke_study):
         assert (results / row["notebook"]).is_file() and (results / row["metrics"]).with_name("metrics.csv").is_file()
         output = json.loads((results / row["notebook"]).read_text())
         assert any(c.get("metadata", {}).get("tags") == ["injected-parameters"] for c in output["cells"])
+        folder = (results / row["metrics"]).parent  # committed with the study: no path names the checkout
+        assert not [f.name for f in folder.iterdir() if str(ROOT) in f.read_text(errors="replace")]
     knobs = {r["table"]: json.loads((results / r["metrics"]).read_text()) for _, r in rows.iterrows()}
     assert knobs["fat"]["ritc_overrides"] == {"fat": False, "alpha": 0.1}
     assert knobs["losses"]["ritc_overrides"] == {"losses": ["frc", "brc"]}
