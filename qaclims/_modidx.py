@@ -321,6 +321,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'qaclims.pipeline.cam_network': ('pipeline.html#cam_network', 'qaclims/pipeline.py'),
                                   'qaclims.pipeline.method_stages': ('pipeline.html#method_stages', 'qaclims/pipeline.py'),
                                   'qaclims.pipeline.pseudo_mask_stages': ('pipeline.html#pseudo_mask_stages', 'qaclims/pipeline.py'),
+                                  'qaclims.pipeline.refinement_thresholds': ('pipeline.html#refinement_thresholds', 'qaclims/pipeline.py'),
                                   'qaclims.pipeline.run_cam_pipeline': ('pipeline.html#run_cam_pipeline', 'qaclims/pipeline.py'),
                                   'qaclims.pipeline.run_refinement_pipeline': ( 'pipeline.html#run_refinement_pipeline',
                                                                                 'qaclims/pipeline.py'),

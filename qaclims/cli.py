@@ -218,6 +218,9 @@ def _add_refine_args(parser):
                         help="only the first N training images for the IRN and the segmenter (default: all)")
     parser.add_argument("--irn-set", action="append", default=[], metavar="FIELD=VALUE",
                         help="set an IrnTrainConfig field, e.g. --irn-set epochs=1; repeatable")
+    parser.add_argument("--calibrate-thresholds", action="store_true",
+                        help="scale the IR-label and pseudo-mask thresholds to the CAMs' best threshold (beyond the "
+                             "reference; default: the reference's 0.3 / 0.1 / 0.2)")
 
 
 def _add_segment_args(parser):
@@ -263,7 +266,7 @@ def _run_chain(args, settings, refine: bool, segmenter: bool) -> dict:
                                    irn_overrides=_config_overrides(args.irn_set, "--irn-set"),
                                    segment_overrides=_config_overrides(getattr(args, "segment_set", []), "--segment-set"),
                                    images=args.images, checkpoint=args.checkpoint, crf=getattr(args, "crf", False),
-                                   segmenter=segmenter)
+                                   segmenter=segmenter, calibrate_thresholds=args.calibrate_thresholds)
 
 
 def _print_scores(args, result: dict):
@@ -272,7 +275,9 @@ def _print_scores(args, result: dict):
     print(f"{name}: CAM mIoU {result['cam_miou']:.2f} at 0.15, best {result['cam_miou_best']:.2f} "
           f"at {result['best_threshold']:.2f}")
     if result.get("pseudo_miou") is not None:
-        print(f"{name}: pseudo-mask mIoU {result['pseudo_miou']:.2f} on {result['pseudo_split']}")
+        t = result["refine_thresholds"]
+        print(f"{name}: pseudo-mask mIoU {result['pseudo_miou']:.2f} on {result['pseudo_split']} (IR labels "
+              f"{t['fg']:.3g} / {t['bg']:.3g}, pseudo-mask background {t['rw_bg']:.3g})")
     if result.get("seg_miou") is not None:
         crf = "" if result["seg_miou_crf"] is None else f", {result['seg_miou_crf']:.2f} with the CRF"
         print(f"{name}: segmenter mIoU {result['seg_miou']:.2f} on {result['seg_split']}{crf}")
@@ -283,7 +288,8 @@ def _run_pipeline(args, settings) -> int:
     "Stages 0-4 of one method and seed (with --refine, 0-6), skipping what is done; prints the scores and the times."
     if not args.refine:
         given = [flag for flag, value in (("--images", args.images), ("--irn-set", args.irn_set),
-                                          ("--segment-set", args.segment_set), ("--crf", args.crf)) if value]
+                                          ("--segment-set", args.segment_set), ("--crf", args.crf),
+                                          ("--calibrate-thresholds", args.calibrate_thresholds)) if value]
         if given:
             raise ValueError(f"{', '.join(given)} belong(s) to stages 5-6: add --refine")
     result = _run_chain(args, settings, refine=args.refine, segmenter=True)

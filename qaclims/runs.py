@@ -107,7 +107,8 @@ def git_commit(path=None) -> str:
 
 
 def manifest(settings: Settings, stage: str, seed=None, inputs: dict | None = None, **extra) -> dict:
-    "What made a stage's artifacts: settings, seed, commit, input digests, versions and time."
+    """What made a stage's artifacts: settings, seed, commit, input digests, versions, time and torch's thread count
+    (a seed fixes a run's numbers for a given thread count: the order of floating-point sums changes with it)."""
     return {
         "stage": stage,
         "seed": seed,
@@ -116,6 +117,7 @@ def manifest(settings: Settings, stage: str, seed=None, inputs: dict | None = No
         "settings": settings.as_dict(),
         "inputs": dict(inputs or {}),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
+        "threads": torch.get_num_threads(),
         **_plain(extra),
     }
 

@@ -161,7 +161,8 @@ def test_cli_finds_the_chain_done_and_prints_its_scores(chain, capsys):
     settings, result = chain
     before = stage_files(settings.data.run_dir)
     cam_line = f"cam seed 0: CAM mIoU {result['cam_miou']:.2f} at 0.15"
-    pseudo_line = f"cam seed 0: pseudo-mask mIoU {result['pseudo_miou']:.2f} on val"
+    pseudo_line = (f"cam seed 0: pseudo-mask mIoU {result['pseudo_miou']:.2f} on val (IR labels 0.3 / 0.1, "
+                   f"pseudo-mask background 0.2)")
     seg_line = f"cam seed 0: segmenter mIoU {result['seg_miou']:.2f} on test"
     code, lines, err = cli(capsys, settings, "refine", *CHAIN)
     assert code == 0, err
@@ -199,12 +200,27 @@ def test_cli_refine_with_fewer_images_from_a_given_network(chain, capsys):
     assert read_json(train_masks / "manifest.json")["images"] == 8
 
 
+def test_cli_refine_with_calibrated_thresholds(chain, capsys):
+    settings, result = chain
+    best = result["best_threshold"]
+    code, lines, err = cli(capsys, settings, "refine", *CHAIN, "--calibrate-thresholds")
+    assert code == 0, err
+    fg, bg, rw_bg = (round(min(t * best / 0.15, 0.95), 4) for t in (0.3, 0.1, 0.2))
+    assert scores(lines)[1].endswith(f"(IR labels {fg:.3g} / {bg:.3g}, pseudo-mask background {rw_bg:.3g})"), lines
+    train_masks = Path(lines[-1].split(": ", 1)[1])
+    assert read_json(train_masks / "manifest.json")["bg_threshold"] == rw_bg
+    if best != 0.15:
+        assert train_masks != Path(result["train_masks_dir"])
+
+
 def test_cli_errors_are_clear(chain, capsys, monkeypatch):
     settings, _ = chain
     code, _, err = cli(capsys, settings, "refine", *CHAIN, "--irn-set", "learning_rate=0.1")
     assert code == 2 and "unknown IrnTrainConfig field(s) learning_rate" in err
     code, _, err = cli(capsys, settings, "pipeline", "--method", "cam", "--crf")
     assert code == 2 and "--crf belong(s) to stages 5-6: add --refine" in err
+    code, _, err = cli(capsys, settings, "pipeline", "--method", "cam", "--calibrate-thresholds")
+    assert code == 2 and "--calibrate-thresholds belong(s) to stages 5-6: add --refine" in err
     for name in ("pydensecrf", "pydensecrf.densecrf"):
         monkeypatch.setitem(sys.modules, name, None)
     for command in ("refine", "segment"):

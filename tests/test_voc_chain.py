@@ -294,7 +294,8 @@ def test_voc_refinement_on_the_fixture_tree(fixture_chain, capsys):
                *[a for k, v in IRN.items() for a in ("--irn-set", f"{k}={v}")],
                *[a for k, v in SEGMENT.items() for a in ("--segment-set", f"{k}={v}")]]
     lines = run_cli(capsys, "segment", *options)
-    assert f"qaclims seed 0: pseudo-mask mIoU {refined['pseudo_miou']:.2f} on train" in lines
+    assert (f"qaclims seed 0: pseudo-mask mIoU {refined['pseudo_miou']:.2f} on train (IR labels 0.3 / 0.1, "
+            f"pseudo-mask background 0.2)") in lines
     assert f"qaclims seed 0: segmenter mIoU {segmented['seg_miou']:.2f} on val" in lines
     assert lines[-1] == segmented["seg_metrics_file"]
     assert sum("nothing to do" in line for line in lines) >= 5  # CAMs (2), IR labels, IRN, pseudo masks (2), segmenter
