@@ -159,6 +159,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'qaclims.dist.barrier': ('dist.html#barrier', 'qaclims/dist.py'),
                               'qaclims.dist.distributed': ('dist.html#distributed', 'qaclims/dist.py'),
                               'qaclims.dist.epoch_batches': ('dist.html#epoch_batches', 'qaclims/dist.py'),
+                              'qaclims.dist.place_model': ('dist.html#place_model', 'qaclims/dist.py'),
                               'qaclims.dist.process_device': ('dist.html#process_device', 'qaclims/dist.py'),
                               'qaclims.dist.shard_indices': ('dist.html#shard_indices', 'qaclims/dist.py')},
             'qaclims.eval_cams': { 'qaclims.eval_cams._cams_folder': ('eval_cams.html#_cams_folder', 'qaclims/eval_cams.py'),

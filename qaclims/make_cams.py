@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .camnet import CamNet
 from .runs import digest, file_digest, manifest, read_json, write_json
-from .dist import barrier, distributed, process_device, shard_indices
+from .dist import barrier, distributed, process_device, place_model, shard_indices
 from .profiles import data_key, profile_dataset
 from .train_cam import load_cam_net
 from .transforms import CAM_SCALES, inference_views
@@ -183,7 +183,7 @@ def make_cams(settings, checkpoint, split: str = "val", scales=CAM_SCALES, batch
     checkpoint = Path(checkpoint)
     context = distributed(settings.study.device)
     device = process_device(settings, context)
-    net = load_cam_net(checkpoint, device)
+    net = place_model(load_cam_net(checkpoint, device), settings, device)
     dataset = profile_dataset(settings, split)
     count = len(dataset) if limit is None else min(int(limit), len(dataset))
     dtype_name = np.dtype(dtype).name

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .dist import barrier, distributed, process_device, shard_indices
+from .dist import barrier, distributed, process_device, place_model, shard_indices
 from .evaluate import confusion, iou
 from .irn import boundary_map
 from .make_cams import load_cam_file
@@ -102,7 +102,7 @@ def make_pseudo_masks(settings, irn_checkpoint, cams_dir, split: str | None = No
     split, count = record["split"], int(record["images"])
     context = distributed(settings.study.device)
     device = process_device(settings, context)
-    net = load_irn_net(irn_checkpoint, device)
+    net = place_model(load_irn_net(irn_checkpoint, device), settings, device)
     folder = stage_dir(settings, "pseudo_masks", pseudo_masks_key(irn_checkpoint, cams_dir, scales, beta, exp_times, radius,
                                                                   bg_threshold))
     if (folder / "done.json").exists():

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .camnet import OUTPUT_STRIDES, ResNetTrunk, load_backbone_weights
 from .data import IGNORE_INDEX, read_mask
-from .dist import DistContext, barrier, distributed, epoch_batches, process_device, shard_indices
+from .dist import DistContext, barrier, distributed, epoch_batches, process_device, place_model, shard_indices
 from .evaluate import confusion, iou
 from .profiles import TRAIN_SPLITS, data_key, profile_dataset
 from .refine import crf_labels, require_crf
@@ -607,7 +607,7 @@ def train_segmenter(settings, masks_dir, seed: int = 0, config: SegmentConfig | 
     if config.init == "cam":
         trunk_from = _stage0_checkpoint(settings, seed, cam_checkpoint, masks_dir)
         load_cam_trunk(net, trunk_from)
-    net = net.to(device)
+    net = place_model(net, settings, device)
     train_set = TransformedDataset(dataset, SegmentTrainView(config), seed=seed)
     per_epoch = epoch_steps(len(dataset), config.batch_size, context)
     optimizer, scheduler = _optimizer(net, config, config.iterations)
@@ -726,7 +726,7 @@ def evaluate_segmenter(settings, checkpoint, split: str | None = None, crf: bool
     if (out_dir / "done.json").is_file() and (out_dir / "metrics.json").is_file():
         return read_json(out_dir / "metrics.json")
     started = time.perf_counter()
-    net, _ = load_segmenter(checkpoint, device)
+    net = place_model(load_segmenter(checkpoint, device)[0], settings, device)
     workers = settings.study.num_workers if num_workers is None else num_workers
     indices = shard_indices(count, context)
     with tqdm(total=len(indices), desc="evaluate_segmenter", disable=not (progress and context.main)) as bar:

@@ -63,6 +63,9 @@ SCHEMA = (
             "Torch device for training and inference: cpu, cuda or cuda:N."),
     Setting("study", "num_workers", "int", 2,
             "DataLoader worker processes per training or inference process."),
+    Setting("study", "channels_last", "bool", False,
+            "Convolutional networks in channels-last memory layout: on CPU 1.2-1.5x faster, the same numbers up to "
+            "float rounding (a run's numbers then differ as with another thread count)."),
     Setting("synth", "seed", "int", 0,
             "SynthWorld seed: sample i of a split is a pure function of (seed, split, i)."),
     Setting("synth", "num_classes", "int", 8,

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from .camnet import CamNet, load_backbone_weights, load_cam_checkpoint
-from .dist import DistContext, barrier, distributed, epoch_batches, process_device
+from .dist import DistContext, barrier, distributed, epoch_batches, process_device, place_model
 from .profiles import TRAIN_SPLITS, data_key, profile_dataset
 from .runs import Checkpointer, digest, manifest, read_json, save_torch, seed_everything, stage_dir, write_json
 from .train import cam_optimizer
@@ -273,7 +273,7 @@ def train_cam(settings, seed: int = 0, config: CamTrainConfig | None = None, pro
     if config.train_images is not None:
         dataset = Subset(dataset, range(min(config.train_images, len(dataset))))
     num_classes = dataset.dataset.num_classes if isinstance(dataset, Subset) else dataset.num_classes
-    net = build_cam_net(settings, config, num_classes).to(device)
+    net = place_model(build_cam_net(settings, config, num_classes), settings, device)
     train_set = TransformedDataset(dataset, CamTrainView(config), seed=seed)
     per_epoch = epoch_steps(len(dataset), config.batch_size, context)
     max_step = per_epoch * config.epochs

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .camnet import CamNet, load_backbone_weights
 from .data import IGNORE_INDEX
-from .dist import DistContext, barrier, distributed, epoch_batches, process_device, shard_indices
+from .dist import DistContext, barrier, distributed, epoch_batches, process_device, place_model, shard_indices
 from .irn import Irn, irn_loss
 from .make_cams import load_cam_file
 from .path_index import PathIndex, affinity_labels
@@ -393,7 +393,8 @@ def train_irn(settings, ir_labels_dir, seed: int = 0, config: IrnTrainConfig | N
     count = int(record["images"]) if config.train_images is None else min(config.train_images, int(record["images"]))
     dataset = IrLabelSet(profile_dataset(settings, record["split"]), ir_labels_dir, count)
     base_dir = Path(settings.source).parent if getattr(settings, "source", None) else None
-    net = load_irn_backbone(Irn(config.arch, config.output_stride, config.freeze_backbone), backbone, base_dir).to(device)
+    net = place_model(load_irn_backbone(Irn(config.arch, config.output_stride, config.freeze_backbone), backbone, base_dir),
+                      settings, device)
     train_set = TransformedDataset(dataset, IrnTrainView(config.crop_size, config.rescale), seed=seed)
     grid = -(-config.crop_size // 4)
     index = PathIndex(config.radius, (grid, grid))

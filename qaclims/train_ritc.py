@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .answers import answers_dir, load_answers, text_feature_cache
 from .camnet import CamNet, load_cam_checkpoint
-from .dist import DistContext, barrier, distributed, epoch_batches, process_device
+from .dist import DistContext, barrier, distributed, epoch_batches, process_device, place_model
 from .fat import fat_masks
 from .losses import (RITC_LOSS_WEIGHTS, area_loss, bg_suppression_loss, brc_loss, frc_loss, mix_fg_text,
                             sim_max_loss, sim_min_loss)
@@ -632,7 +632,7 @@ def train_ritc(settings, seed: int = 0, method: str = "qaclims", config: RitcCon
     else:
         texts = ClimsTexts(features, class_names, background)
     seed_everything(seed)
-    net = load_stage0(start_path, config, device)
+    net = place_model(load_stage0(start_path, config, device), settings, device)
     if net.num_classes != len(class_names):
         raise ValueError(f"stage-0 checkpoint '{start_path}' has {net.num_classes} classes, the data {len(class_names)}")
     train_set = TransformedDataset(dataset, RitcTrainView(config), seed=seed)
