@@ -32,6 +32,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'qaclims.answers.text_feature_cache': ('answers.html#text_feature_cache', 'qaclims/answers.py'),
                                  'qaclims.answers.weights_digest': ('answers.html#weights_digest', 'qaclims/answers.py')},
             'qaclims.bench': { 'qaclims.bench._format_cell': ('bench.html#_format_cell', 'qaclims/bench.py'),
+                               'qaclims.bench.bench_memory_layout': ('bench.html#bench_memory_layout', 'qaclims/bench.py'),
                                'qaclims.bench.bench_qape': ('bench.html#bench_qape', 'qaclims/bench.py'),
                                'qaclims.bench.bench_random_walk': ('bench.html#bench_random_walk', 'qaclims/bench.py'),
                                'qaclims.bench.bench_synth_generation': ('bench.html#bench_synth_generation', 'qaclims/bench.py'),

@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['COLUMNS', 'BENCHMARKS', 'best_time', 'synthetic_cam_samples', 'naive_sweep_confusions', 'bench_threshold_sweep',
-           'bench_synth_generation', 'bench_qape', 'bench_random_walk', 'run_benchmarks', 'format_table']
+           'bench_synth_generation', 'bench_qape', 'bench_random_walk', 'bench_memory_layout', 'run_benchmarks',
+           'format_table']
 
 # %% ../nbs/90_bench.ipynb #4f3d4e89
 import time
@@ -122,12 +123,55 @@ def bench_random_walk(quick: bool = False) -> list:
     from qaclims.refine import bench_random_walk as run
     return run(quick=quick)
 
+# %% ../nbs/90_bench.ipynb #b65b86ed
+def bench_memory_layout(quick: bool = False) -> list:
+    "The synth CAM network in NCHW against channels-last: multi-scale CAM inference and a training step."
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+
+    from qaclims.camnet import CamNet
+    from qaclims.make_cams import flipped_cams
+    from qaclims.transforms import CAM_SCALES
+    torch.manual_seed(0)
+    size, images, crops = (48, 2, 4) if quick else (96, 8, 16)
+    plain = CamNet(8, arch="resnet18", output_stride=8).eval()
+    nhwc = copy.deepcopy(plain).to(memory_format=torch.channels_last)
+    views = [torch.randn(images, 2, 3, round(size * s), round(size * s)) for s in CAM_SCALES]
+    crops_in, targets = torch.randn(crops, 3, size, size), (torch.rand(crops, 8) > 0.7).float()
+
+    def infer(net):
+        return [flipped_cams(net, v) for v in views]
+
+    def train_step(net):
+        net.train().zero_grad()
+        loss = F.multilabel_soft_margin_loss(net(crops_in), targets)
+        loss.backward()
+        return loss.detach()
+
+    rows = []
+    for name, run, notes in (("CAM inference", infer, f"{images} images of {size} px, scales {CAM_SCALES} + flips"),
+                             ("training step", train_step, f"{crops} crops of {size} px, forward and backward")):
+        slow, slow_out = best_time(lambda: run(plain), repeat=2)
+        fast, fast_out = best_time(lambda: run(nhwc), repeat=2)
+        if isinstance(slow_out, list):
+            same = all(torch.allclose(a, b, rtol=1e-4, atol=1e-4 * float(a.abs().max())) for a, b in zip(slow_out, fast_out))
+        else:
+            same = bool(torch.allclose(slow_out, fast_out, rtol=1e-5))
+        rows += [dict(benchmark="memory_layout", variant=f"{name}, NCHW (default)", seconds=slow, speedup=1.0,
+                      same_output=same, notes=notes + ", best of 2"),
+                 dict(benchmark="memory_layout", variant=f"{name}, channels-last", seconds=fast, speedup=slow / fast,
+                      same_output=same, notes=notes + ", best of 2")]
+    return rows
+
 # %% ../nbs/90_bench.ipynb #45264740
 BENCHMARKS = {
     "threshold_sweep": bench_threshold_sweep,
     "synth_generation": bench_synth_generation,
     "qape": bench_qape,
     "random_walk": bench_random_walk,
+    "memory_layout": bench_memory_layout,
 }
 
 
