@@ -219,8 +219,8 @@ def _add_refine_args(parser):
     parser.add_argument("--irn-set", action="append", default=[], metavar="FIELD=VALUE",
                         help="set an IrnTrainConfig field, e.g. --irn-set epochs=1; repeatable")
     parser.add_argument("--calibrate-thresholds", action="store_true",
-                        help="scale the IR-label and pseudo-mask thresholds to the CAMs' best threshold (beyond the "
-                             "reference; default: the reference's 0.3 / 0.1 / 0.2)")
+                        help="scale the pseudo masks' background threshold to the CAMs' best threshold (beyond the "
+                             "reference; default: the reference's 0.2)")
 
 
 def _add_segment_args(parser):

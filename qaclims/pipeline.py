@@ -95,9 +95,10 @@ def refinement_thresholds(settings, cams_dir, calibrate: bool = False) -> dict:
     """Stage 5's thresholds: {'fg', 'bg'} of the IR labels and 'rw_bg', the pseudo masks' background threshold.
 
     calibrate=False: the reference's (`IR_LABEL_THRESHOLDS` and the profile's random-walk `bg_threshold`), which
-    suit CAMs whose best threshold is near the reference evaluation threshold 0.15. calibrate=True: each of them
-    times best / 0.15, `best` the best threshold of `cams_dir`'s sweep against the ground truth of its split
-    (beyond the reference; at most 0.95). Also returns 'scale'.
+    suit CAMs whose best threshold is near the reference evaluation threshold 0.15. calibrate=True (beyond the
+    reference): 'rw_bg' times best / 0.15 (at most 0.95), `best` the best threshold of `cams_dir`'s sweep against
+    the ground truth of its split; the IR labels keep the reference's, which train a better IRN than scaled ones
+    (see the notebook). Also returns 'scale'.
     """
     from qaclims.pseudo_masks import random_walk_config
     scale = 1.0
@@ -105,8 +106,8 @@ def refinement_thresholds(settings, cams_dir, calibrate: bool = False) -> dict:
         from qaclims.train_irn import cams_record
         best = evaluate_cams(settings, cams_dir, cams_record(cams_dir)["split"])["best_threshold"]
         scale = float(best) / REFERENCE_THRESHOLD
-    reference = {**IR_LABEL_THRESHOLDS, "rw_bg": random_walk_config(settings)["bg_threshold"]}
-    return {**{name: round(min(value * scale, 0.95), 4) for name, value in reference.items()}, "scale": round(scale, 4)}
+    rw_bg = random_walk_config(settings)["bg_threshold"]
+    return {**IR_LABEL_THRESHOLDS, "rw_bg": round(min(rw_bg * scale, 0.95), 4), "scale": round(scale, 4)}
 
 
 def pseudo_mask_stages(settings, checkpoint, cams_dir, seed: int = 0, progress: bool = True,
@@ -116,7 +117,7 @@ def pseudo_mask_stages(settings, checkpoint, cams_dir, seed: int = 0, progress: 
 
     Makes the CAMs and IR labels of the first `images` training images (None: all), trains the IRN on them
     (`irn_overrides`: IrnTrainConfig fields), then the pseudo masks of `cams_dir`'s split (scored) and of those
-    training images. calibrate_thresholds: scale the IR-label and pseudo-mask thresholds to `cams_dir`'s best
+    training images. calibrate_thresholds: scale the pseudo masks' background threshold to `cams_dir`'s best
     threshold (`refinement_thresholds`). Returns {'pseudo_miou' (percent), 'pseudo_split', 'pseudo_masks_dir',
     'train_masks_dir', 'train_cams_dir', 'ir_labels_dir', 'irn_checkpoint', 'refine_thresholds'}; adds each stage's
     wall time to `seconds`.

@@ -205,8 +205,8 @@ def test_cli_refine_with_calibrated_thresholds(chain, capsys):
     best = result["best_threshold"]
     code, lines, err = cli(capsys, settings, "refine", *CHAIN, "--calibrate-thresholds")
     assert code == 0, err
-    fg, bg, rw_bg = (round(min(t * best / 0.15, 0.95), 4) for t in (0.3, 0.1, 0.2))
-    assert scores(lines)[1].endswith(f"(IR labels {fg:.3g} / {bg:.3g}, pseudo-mask background {rw_bg:.3g})"), lines
+    rw_bg = round(min(0.2 * best / 0.15, 0.95), 4)
+    assert scores(lines)[1].endswith(f"(IR labels 0.3 / 0.1, pseudo-mask background {rw_bg:.3g})"), lines
     train_masks = Path(lines[-1].split(": ", 1)[1])
     assert read_json(train_masks / "manifest.json")["bg_threshold"] == rw_bg
     if best != 0.15:
