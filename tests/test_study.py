@@ -2,6 +2,7 @@
 rerun, failed / missing / half-written rows reported while the rest completes, kernel-start retries, the CLI; and
 (flagged `data`) the main table in the voc profile on the fixture VOC tree with random-weight models."""
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -257,6 +258,15 @@ def test_the_repository_spec():
     assert resolve_scale(spec["scales"]["full"])["stage0_seed"] is None  # the paper's protocol: stage 0 per seed
     groups = {stage0_group(r, spec["world_params"], default["stage0_seed"]) for r in rows}
     assert len(groups) == 4, "make study trains one stage-0 network per world (p_context 0.85, 0, 0.5, 1)"
+
+
+def test_row_folders_are_not_ignored_by_git():
+    "results/runs/ (every row's notebook and metrics, which REPORT.md links to) is committed: no .gitignore hides it."
+    row_file = "results/runs/main/cam-seed0/metrics.json"
+    check = subprocess.run(["git", "check-ignore", "-q", row_file], cwd=ROOT, capture_output=True)
+    assert check.returncode == 1, f"{row_file} is ignored by git ({check.returncode}): see .gitignore"
+    check = subprocess.run(["git", "check-ignore", "-q", "runs/cam/x/final.pt"], cwd=ROOT, capture_output=True)
+    assert check.returncode == 0, "the run directory runs/ must stay ignored"
 
 
 def test_rows_of_a_group_wait_for_its_first_row():
