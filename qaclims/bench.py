@@ -150,15 +150,19 @@ def bench_memory_layout(quick: bool = False) -> list:
         loss.backward()
         return loss.detach()
 
+    def same_cams(a, b):
+        return all(torch.allclose(x, y, rtol=1e-4, atol=1e-4 * float(x.abs().max())) for x, y in zip(a, b))
+
+    def same_loss(a, b):
+        return bool(torch.allclose(a, b, rtol=1e-5))
+
     rows = []
-    for name, run, notes in (("CAM inference", infer, f"{images} images of {size} px, scales {CAM_SCALES} + flips"),
-                             ("training step", train_step, f"{crops} crops of {size} px, forward and backward")):
+    for name, run, same_output, notes in (
+            ("CAM inference", infer, same_cams, f"{images} images of {size} px, scales {CAM_SCALES} + flips"),
+            ("training step", train_step, same_loss, f"{crops} crops of {size} px, forward and backward")):
         slow, slow_out = best_time(lambda: run(plain), repeat=2)
         fast, fast_out = best_time(lambda: run(nhwc), repeat=2)
-        if isinstance(slow_out, list):
-            same = all(torch.allclose(a, b, rtol=1e-4, atol=1e-4 * float(a.abs().max())) for a, b in zip(slow_out, fast_out))
-        else:
-            same = bool(torch.allclose(slow_out, fast_out, rtol=1e-5))
+        same = same_output(slow_out, fast_out)
         rows += [dict(benchmark="memory_layout", variant=f"{name}, NCHW (default)", seconds=slow, speedup=1.0,
                       same_output=same, notes=notes + ", best of 2"),
                  dict(benchmark="memory_layout", variant=f"{name}, channels-last", seconds=fast, speedup=slow / fast,
