@@ -403,6 +403,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'qaclims.rows.make_portable': ('rows.html#make_portable', 'qaclims/rows.py'),
                               'qaclims.rows.read_metrics': ('rows.html#read_metrics', 'qaclims/rows.py'),
                               'qaclims.rows.relative_path': ('rows.html#relative_path', 'qaclims/rows.py'),
+                              'qaclims.rows.row_command': ('rows.html#row_command', 'qaclims/rows.py'),
                               'qaclims.rows.row_env': ('rows.html#row_env', 'qaclims/rows.py'),
                               'qaclims.rows.row_folder': ('rows.html#row_folder', 'qaclims/rows.py'),
                               'qaclims.rows.row_request': ('rows.html#row_request', 'qaclims/rows.py'),
