@@ -200,6 +200,7 @@ def run_study(settings=None, spec=None, profile: str | None = None, tables=None,
     'problems' (list of (row, state, error)), 'results_dir', 'report', 'seconds'}.
     """
     started = time.perf_counter()
+    commit = git_commit()  # before anything is written: the study's own tables would make the checkout look modified
     settings = settings if settings is not None else load_settings()
     if profile is not None:
         settings = settings.with_overrides({"study.profile": profile})
@@ -254,7 +255,7 @@ def run_study(settings=None, spec=None, profile: str | None = None, tables=None,
     made = make_figures(results_dir, figures_dir, log=log) if figures else []
     seconds = round(time.perf_counter() - started, 1)
     own = long[long["same_as"].isna()]  # a linked row shows another row's run
-    info = {"commit": git_commit(), "profile": profile, "scale": f"{scale}: {json.dumps(scale_dict, sort_keys=True)}",
+    info = {"commit": commit, "profile": profile, "scale": f"{scale}: {json.dumps(scale_dict, sort_keys=True)}",
             "seeds": " ".join(map(str, seeds)), "spec": spec["path"].name, "rows run now": len(todo), "jobs": jobs,
             "this run's wall time": f"{seconds / 60:.1f} min",
             "sum of row wall times": f"{pd.to_numeric(own['wall_seconds'], errors='coerce').sum() / 60:.1f} min"}

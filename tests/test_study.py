@@ -219,6 +219,23 @@ tables:
     assert "broken/a seed 0: failed" in (tmp_path / "cli" / "REPORT.md").read_text()
 
 
+def test_report_records_the_commit_the_rows_ran_at(tmp_path, monkeypatch):
+    "The study's own tables modify a checkout they are committed in: the report's commit is read before they are."
+    notebooks = tmp_path / "toys"
+    notebooks.mkdir()
+    toy_notebook(notebooks / "main.ipynb", WRITES)
+    spec_path = tmp_path / "study.yaml"
+    spec_path.write_text(f"notebooks: {notebooks}\nseeds: [0]\nscales: {{default: {{}}}}\n"
+                         "tables:\n  main: {notebook: main.ipynb, rows: {cam: {method: cam}}}\n")
+    results = tmp_path / "results"  # as if inside the checkout: once its tables exist, the checkout is modified
+    monkeypatch.setattr("qaclims.study.git_commit",
+                        lambda: "c0ffee+dirty" if (results / "main.csv").exists() else "c0ffee")
+    outcome = run_study(load_settings(), load_spec(spec_path), results_dir=results, figures=False,
+                        log=lambda line: None)
+    report = outcome["report"].read_text()
+    assert "| commit | c0ffee |" in report and "+dirty" not in report
+
+
 def test_kernel_that_fails_to_start_is_retried(tmp_path, monkeypatch):
     "A kernel whose first start crashes: papermill fails before any cell, the row is retried and then runs."
     kernels = tmp_path / "jupyter" / "kernels" / "flaky"
