@@ -171,9 +171,10 @@ def make_portable(folder, root) -> int:
 
 
 # A row's process calls papermill's Python API rather than its command line, which saves ~6 s a row (13 s -> 7 s
-# in the study), a few minutes of a study: jsonschema's IRI format checker (the package rfc3987_syntax builds a grammar when imported,
-# 2.5 s) is left out, as nbformat's schema checks no IRI; and the kernel is stopped at once after the last cell
-# (papermill's graceful shutdown waits ~2 s for a torch process to exit), the row's files being written by then.
+# in the study), a few minutes of a study: jsonschema's IRI format checker (the package rfc3987_syntax builds a
+# grammar when imported, 2.5 s) is left out, as nbformat's schema checks no IRI; and the kernel is stopped at once
+# after the last cell (papermill's graceful shutdown waits ~2 s for a torch process to exit), the row's files being
+# written by then.
 ROW_PROCESS = """\
 import json, logging, sys
 sys.modules["rfc3987_syntax"] = None
